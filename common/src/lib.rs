@@ -1,0 +1,11 @@
+//! Types and formats shared by `fleet` (the controller) and `fleet-agent`.
+//!
+//! Everything here is fixed by `DESIGN.md` ("Fixed contracts"): the bundle format, the signed
+//! manifest, and the JSON bodies that cross the wire. Both programs depend on this crate, so it
+//! must stay small and free of any server framework or AWS SDK.
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod manifest;
+pub mod secret;
+pub mod wire;
