@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod manifest;
 pub mod secret;
 pub mod wire;

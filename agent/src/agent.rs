@@ -1,0 +1,720 @@
+//! The agent's main loop: follow the controller's signed manifests and keep the right Locust
+//! workers running.
+//!
+//! Three tasks cooperate:
+//! - the poller long-polls `/v1/manifest`, verifies, downloads and unpacks new bundles, and
+//!   hands finished [`Release`]s to the main loop; refusals never reach the workers;
+//! - the main loop owns the worker generations: hot restart with overlap, crash-loop rollback,
+//!   promotion to "last good", offline fallback, max lifetime;
+//! - the heartbeat task posts the latest [`Heartbeat`] whenever it changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use fleet_common::bundle;
+use fleet_common::client::Client;
+use fleet_common::manifest::{self, Manifest, MasterAddr, Signed, VerifyKey, SIGNATURE_HEADER};
+use fleet_common::wire::{routes, Heartbeat, Running};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant as TokioInstant};
+
+use crate::config::Config;
+use crate::supervisor::{Exit, Timing, WorkerCmd, WorkerSet};
+
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} fleet-agent: {}", humantime::format_rfc3339_millis(SystemTime::now()), format!($($arg)*))
+    };
+}
+
+/// Reconnect delays after the controller could not be reached: doubled from
+/// `RETRY_INITIAL` up to `RETRY_MAX`, each with up to 50% random jitter added so a thousand
+/// agents do not reconnect in lockstep after a controller restart.
+const RETRY_INITIAL: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A verified manifest whose bundle is unpacked on disk.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub manifest: Manifest,
+    pub signed: Signed,
+    pub dir: PathBuf,
+}
+
+/// What a worker generation runs: a bundle against a master incarnation with arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RunSpec {
+    sha: String,
+    dir: PathBuf,
+    locustfile: String,
+    master: MasterAddr,
+    epoch: u64,
+    worker_args: Vec<String>,
+    sequence: u64,
+}
+
+impl RunSpec {
+    fn of(r: &Release) -> RunSpec {
+        let m = &r.manifest;
+        RunSpec {
+            sha: m.bundle.sha256.clone(),
+            dir: r.dir.clone(),
+            locustfile: m.locustfile.clone(),
+            master: m.master.clone(),
+            epoch: m.master_epoch,
+            worker_args: m.worker_args.clone(),
+            sequence: m.sequence,
+        }
+    }
+
+    /// `bundle_of`'s code against `target`'s master and arguments: what a rollback runs.
+    fn code_from(bundle_of: &Release, target: &RunSpec) -> RunSpec {
+        RunSpec {
+            sha: bundle_of.manifest.bundle.sha256.clone(),
+            dir: bundle_of.dir.clone(),
+            locustfile: bundle_of.manifest.locustfile.clone(),
+            ..target.clone()
+        }
+    }
+
+    fn same_workers(&self, other: &RunSpec) -> bool {
+        self.sha == other.sha
+            && self.locustfile == other.locustfile
+            && self.master == other.master
+            && self.epoch == other.epoch
+            && self.worker_args == other.worker_args
+    }
+}
+
+struct Gen {
+    spec: RunSpec,
+    set: WorkerSet,
+    started: Instant,
+    since_ms: u64,
+    exits: u32,
+    workers: u32,
+}
+
+/// Messages from the poller.
+enum Poll {
+    Release(Release),
+    Refused(String),
+    Unreachable(String),
+    Reachable,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    manifest: String,
+    signature: String,
+}
+
+/// The on-disk state: unpacked bundles and the last good manifest.
+pub struct Store {
+    pub dir: PathBuf,
+}
+
+impl Store {
+    pub fn bundle_dir(&self, sha: &str) -> PathBuf {
+        self.dir.join("bundles").join(sha)
+    }
+
+    fn last_good_path(&self) -> PathBuf {
+        self.dir.join("last_good.json")
+    }
+
+    pub fn save_last_good(&self, r: &Release) -> std::io::Result<()> {
+        let p = Persisted { manifest: B64.encode(&r.signed.bytes), signature: r.signed.signature_b64() };
+        let tmp = self.dir.join("last_good.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&p).expect("serialises"))?;
+        std::fs::rename(tmp, self.last_good_path())
+    }
+
+    /// The last good release, re-verified: a tampered state file is ignored, not trusted.
+    pub fn load_last_good(&self, vk: &VerifyKey) -> Result<Option<Release>, String> {
+        let raw = match std::fs::read(self.last_good_path()) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read last good state: {e}")),
+        };
+        let p: Persisted = serde_json::from_slice(&raw).map_err(|e| format!("last good state is corrupt: {e}"))?;
+        let bytes = B64.decode(&p.manifest).map_err(|_| "last good state is corrupt".to_string())?;
+        let m = vk.verify_b64(&bytes, &p.signature).map_err(|e| format!("last good state: {e}"))?;
+        let dir = self.bundle_dir(&m.bundle.sha256);
+        if !dir.join(&m.locustfile).is_file() {
+            return Err(format!("last good bundle {} is missing from {}", m.bundle.sha256, dir.display()));
+        }
+        let signature = B64.decode(&p.signature).map_err(|_| "last good state is corrupt".to_string())?;
+        Ok(Some(Release { manifest: m, signed: Signed { bytes, signature }, dir }))
+    }
+
+    /// Removes unpacked bundles other than `keep`.
+    fn gc(&self, keep: &[&str]) {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("bundles")) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !keep.iter().any(|k| *k == name) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Fetches, verifies and unpacks the bundle a verified manifest names (if not on disk yet).
+async fn materialise(client: &Client, cfg: &Config, store: &Store, m: Manifest, signed: Signed) -> Result<Release, String> {
+    let dir = store.bundle_dir(&m.bundle.sha256);
+    if !dir.join(&m.locustfile).is_file() {
+        if m.bundle.size > cfg.max_bundle_bytes {
+            return Err(format!(
+                "bundle {} is {} bytes, over the cap of {}",
+                m.bundle.sha256, m.bundle.size, cfg.max_bundle_bytes
+            ));
+        }
+        let path = format!("{}/{}", routes::BUNDLES, m.bundle.sha256);
+        let resp = client
+            .get(&path, Duration::from_secs(120), cfg.max_bundle_bytes as usize + 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status != 200 {
+            return Err(format!("GET {path}: HTTP {}", resp.status));
+        }
+        manifest::check_bundle(&m, &resp.body).map_err(|e| e.to_string())?;
+        if dir.exists() {
+            // A directory without its locustfile is debris from an interrupted unpack.
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        bundle::unpack(&resp.body, &dir, &cfg.limits()).map_err(|e| e.to_string())?;
+        if !dir.join(&m.locustfile).is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("bundle {} has no {}", m.bundle.sha256, m.locustfile));
+        }
+    }
+    Ok(Release { manifest: m, signed, dir })
+}
+
+async fn poller(client: Client, cfg: Arc<Config>, store: Arc<Store>, mut floor: Option<u64>, tx: mpsc::UnboundedSender<Poll>) {
+    let vk = cfg.verify_key();
+    let mut retry = RETRY_INITIAL;
+    let mut reachable: Option<bool> = None;
+    loop {
+        let path = match floor {
+            Some(s) => format!("{}?after={s}&wait={}", routes::MANIFEST, cfg.poll_wait_s),
+            None => routes::MANIFEST.to_string(),
+        };
+        let res = client
+            .get(&path, Duration::from_secs(cfg.poll_wait_s + 15), 1 << 20)
+            .await;
+        let mut failed = None;
+        match res {
+            Err(e) => failed = Some(e.to_string()),
+            Ok(r) => {
+                if reachable != Some(true) {
+                    reachable = Some(true);
+                    let _ = tx.send(Poll::Reachable);
+                }
+                match r.status {
+                    200 => {
+                        let sig = r.header(SIGNATURE_HEADER).unwrap_or("").to_string();
+                        match vk.verify_b64(&r.body, &sig) {
+                            Err(e) => failed = Some(format!("refused manifest: {e}")),
+                            Ok(m) => {
+                                if let Err(e) = manifest::check_sequence(&m, floor) {
+                                    failed = Some(format!("refused manifest: {e}"));
+                                } else if Some(m.sequence) != floor {
+                                    floor = Some(m.sequence);
+                                    let signed = Signed {
+                                        bytes: r.body.to_vec(),
+                                        signature: B64.decode(sig.trim()).unwrap_or_default(),
+                                    };
+                                    let seq = m.sequence;
+                                    match materialise(&client, &cfg, &store, m, signed).await {
+                                        Ok(rel) => {
+                                            let _ = tx.send(Poll::Release(rel));
+                                        }
+                                        Err(e) => {
+                                            // The sequence stays consumed: the same bad bundle is
+                                            // not fetched again, a newer publication is.
+                                            let _ = tx.send(Poll::Refused(format!("refused bundle of sequence {seq}: {e}")));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // Nothing newer within the wait, or nothing published yet.
+                    204 | 304 | 404 => {
+                        if r.status == 404 {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                    s => failed = Some(format!("GET {}: HTTP {s}", routes::MANIFEST)),
+                }
+            }
+        }
+        match failed {
+            None => retry = RETRY_INITIAL,
+            Some(line) => {
+                let unreachable = !line.starts_with("refused") && !line.starts_with("GET");
+                if unreachable {
+                    if reachable != Some(false) {
+                        reachable = Some(false);
+                        let _ = tx.send(Poll::Unreachable(line));
+                    }
+                } else {
+                    let _ = tx.send(Poll::Refused(line));
+                }
+                let jitter = retry.mul_f64(jitter_fraction() * 0.5);
+                tokio::time::sleep(retry + jitter).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// A number in [0, 1) from the clock's low bits: enough to spread reconnects, no RNG needed.
+fn jitter_fraction() -> f64 {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    (n % 1_000_003) as f64 / 1_000_003.0
+}
+
+async fn heartbeats(client: Client, mut rx: watch::Receiver<Heartbeat>) {
+    let mut failing = false;
+    while rx.changed().await.is_ok() {
+        let hb = rx.borrow_and_update().clone();
+        let body = serde_json::to_vec(&hb).expect("serialises");
+        match client.post_json(routes::HEARTBEAT, body, Duration::from_secs(10)).await {
+            Ok(r) if r.status == 200 => failing = false,
+            Ok(r) => {
+                if !failing {
+                    log!("heartbeat refused: HTTP {}", r.status);
+                }
+                failing = true;
+            }
+            Err(e) => {
+                if !failing {
+                    log!("heartbeat failed: {e}");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+pub fn substitute(template: &[String], spec_dir: &Path, locustfile: &Path, master: &MasterAddr, index: u32) -> Vec<String> {
+    template
+        .iter()
+        .map(|a| {
+            a.replace("{locustfile}", &locustfile.display().to_string())
+                .replace("{bundle_dir}", &spec_dir.display().to_string())
+                .replace("{master_host}", &master.host)
+                .replace("{master_port}", &master.port.to_string())
+                .replace("{index}", &index.to_string())
+        })
+        .collect()
+}
+
+pub struct Agent {
+    cfg: Arc<Config>,
+    node_id: String,
+    store: Arc<Store>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    current: Option<Gen>,
+    /// The previous generation during a hot restart's overlap, and when to stop it.
+    draining: Option<(Gen, Instant)>,
+    last_good: Option<Release>,
+    /// The newest release the controller published that this agent accepted.
+    latest: Option<Release>,
+    rejected: Option<String>,
+    status: &'static str,
+    last_error: Option<String>,
+    next_gen: u64,
+    started: Instant,
+    hb: watch::Sender<Heartbeat>,
+}
+
+impl Agent {
+    fn worker_cmds(&self, spec: &RunSpec) -> Vec<WorkerCmd> {
+        let locustfile = spec.dir.join(&spec.locustfile);
+        (0..self.cfg.worker_count())
+            .map(|i| {
+                let argv = match &self.cfg.worker_command {
+                    Some(t) => substitute(t, &spec.dir, &locustfile, &spec.master, i),
+                    None => {
+                        let mut v = vec![
+                            self.cfg.locust.clone(),
+                            "-f".into(),
+                            locustfile.display().to_string(),
+                            "--worker".into(),
+                            "--master-host".into(),
+                            spec.master.host.clone(),
+                            "--master-port".into(),
+                            spec.master.port.to_string(),
+                        ];
+                        v.extend(spec.worker_args.iter().cloned());
+                        v
+                    }
+                };
+                WorkerCmd {
+                    argv,
+                    cwd: spec.dir.clone(),
+                    env: vec![
+                        ("PYTHONUNBUFFERED".into(), "1".into()),
+                        // Workers must not write byte-code into the verified bundle directory.
+                        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+                        ("FLEET_NODE_ID".into(), self.node_id.clone()),
+                        ("FLEET_BUNDLE_SHA256".into(), spec.sha.clone()),
+                        ("FLEET_WORKER_INDEX".into(), i.to_string()),
+                    ],
+                }
+            })
+            .collect()
+    }
+
+    fn launch(&mut self, spec: RunSpec) -> Gen {
+        self.next_gen += 1;
+        let timing = Timing {
+            join_grace: Duration::from_millis(self.cfg.join_grace_ms),
+            stop_grace: Duration::from_millis(self.cfg.stop_grace_ms),
+            stable: Duration::from_millis(self.cfg.stable_ms),
+        };
+        let cmds = self.worker_cmds(&spec);
+        let workers = cmds.len() as u32;
+        log!(
+            "starting {workers} worker(s) on bundle {} (sequence {}, master {}:{} epoch {})",
+            short(&spec.sha),
+            spec.sequence,
+            spec.master.host,
+            spec.master.port,
+            spec.epoch
+        );
+        Gen {
+            set: WorkerSet::start(self.next_gen, cmds, timing, self.exits_tx.clone()),
+            spec,
+            started: Instant::now(),
+            since_ms: now_ms(),
+            exits: 0,
+            workers,
+        }
+    }
+
+    /// Switches the workers to `spec`: new generation first, the old one kept until the new
+    /// workers had their join grace (LOCUST.md: overlap keeps the load up).
+    fn switch_to(&mut self, spec: RunSpec) {
+        if let Some((old, _)) = self.draining.take() {
+            // A switch during an overlap: the generation being drained is superseded at once.
+            tokio::spawn(old.set.stop());
+        }
+        let new = self.launch(spec);
+        if let Some(old) = self.current.replace(new) {
+            let deadline = Instant::now() + Duration::from_millis(self.cfg.join_grace_ms);
+            self.draining = Some((old, deadline));
+        }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let (running, workers) = match &self.current {
+            Some(g) => (
+                Some(Running {
+                    sha256: g.spec.sha.clone(),
+                    sequence: g.spec.sequence,
+                    master_epoch: g.spec.epoch,
+                    since_ms: g.since_ms,
+                }),
+                g.set.reports(),
+            ),
+            None => (None, vec![]),
+        };
+        Heartbeat {
+            node_id: self.node_id.clone(),
+            backend: self.cfg.backend.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            running,
+            last_good: self.last_good.as_ref().map(|r| r.manifest.bundle.sha256.clone()),
+            workers,
+            status: self.status.into(),
+            last_error: self.last_error.clone(),
+            rejected: self.rejected.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn publish(&self) {
+        self.hb.send_replace(self.heartbeat());
+    }
+
+    fn on_release(&mut self, rel: Release) {
+        let mut spec = RunSpec::of(&rel);
+        if self.rejected.as_deref() == Some(spec.sha.as_str()) {
+            // A newer publication of a bundle that crash-looped here (a master restart, say):
+            // follow its master and arguments, but keep running the last good code.
+            match &self.last_good {
+                Some(good) => spec = RunSpec::code_from(good, &spec),
+                None => {}
+            }
+        } else {
+            self.rejected = None;
+        }
+        match &mut self.current {
+            Some(g) if g.spec.same_workers(&spec) => {
+                g.spec.sequence = spec.sequence;
+                self.status = "running";
+            }
+            _ => {
+                self.status = "starting";
+                self.switch_to(spec);
+            }
+        }
+        self.latest = Some(rel);
+        self.publish();
+    }
+
+    /// Rolls back from the current generation's bundle to the last good one, if there is one.
+    fn roll_back(&mut self, why: String) {
+        let Some(cur) = &self.current else { return };
+        let bad = cur.spec.sha.clone();
+        log!("bundle {} rejected: {why}", short(&bad));
+        self.rejected = Some(bad.clone());
+        self.last_error = Some(format!("bundle {} rejected: {why}", short(&bad)));
+        // An overlap still in progress means the old workers never stopped: keep them.
+        if let Some((old, _)) = self.draining.take() {
+            if old.spec.sha != bad {
+                let failed = self.current.replace(old).expect("current");
+                tokio::spawn(failed.set.stop());
+                self.status = "rolled_back";
+                self.publish();
+                return;
+            }
+            tokio::spawn(old.set.stop());
+        }
+        match self.last_good.clone() {
+            Some(good) if good.manifest.bundle.sha256 != bad => {
+                let spec = RunSpec::code_from(&good, &self.current.as_ref().expect("current").spec);
+                let failed = self.current.take().expect("current");
+                tokio::spawn(failed.set.stop());
+                let g = self.launch(spec);
+                self.current = Some(g);
+                self.status = "rolled_back";
+            }
+            _ => self.status = "crash_loop",
+        }
+        self.publish();
+    }
+
+    fn on_exit(&mut self, e: Exit) {
+        let Some(cur) = &mut self.current else { return };
+        if cur.set.generation != e.generation {
+            return;
+        }
+        cur.exits += 1;
+        log!("worker {} of bundle {} exited ({}); restarting", e.index, short(&cur.spec.sha), e.status);
+        let young = cur.started.elapsed() < Duration::from_millis(self.cfg.stable_ms);
+        let proven = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256 == cur.spec.sha).unwrap_or(false);
+        if young && !proven && cur.exits >= self.cfg.crash_loop_exits.max(1) && self.status != "crash_loop" {
+            let why = format!("workers crash-looped ({} exits in {:.1}s, last: {})", cur.exits, cur.started.elapsed().as_secs_f64(), e.status);
+            self.roll_back(why);
+        } else {
+            self.publish();
+        }
+    }
+
+    /// Called at each deadline: end overlaps and promote stable generations.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if let Some((_, deadline)) = &self.draining {
+            if now >= *deadline {
+                let cur = self.current.as_ref().expect("current during drain");
+                if cur.exits >= cur.workers && cur.set.alive() == 0 {
+                    self.roll_back("every new worker exited during its join grace".into());
+                } else {
+                    let (old, _) = self.draining.take().expect("draining");
+                    tokio::spawn(old.set.stop());
+                    if self.status == "starting" {
+                        self.status = "running";
+                    }
+                }
+                self.publish();
+            }
+        }
+        if let Some(cur) = &self.current {
+            let stable = cur.started.elapsed() >= Duration::from_millis(self.cfg.stable_ms);
+            let good_sha = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256.as_str());
+            if stable && self.draining.is_none() && good_sha != Some(cur.spec.sha.as_str()) && self.status != "crash_loop" {
+                if let Some(latest) = &self.latest {
+                    if latest.manifest.bundle.sha256 == cur.spec.sha {
+                        let rel = latest.clone();
+                        match self.store.save_last_good(&rel) {
+                            Ok(()) => log!("bundle {} is now the last good one", short(&cur.spec.sha)),
+                            Err(e) => log!("cannot save last good state: {e}"),
+                        }
+                        self.last_good = Some(rel);
+                        self.store.gc(&[&cur.spec.sha]);
+                        self.publish();
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d = self.draining.as_ref().map(|(_, t)| *t);
+        if let Some(cur) = &self.current {
+            let good = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256 == cur.spec.sha).unwrap_or(false);
+            if !good && self.status != "crash_loop" {
+                let t = cur.started + Duration::from_millis(self.cfg.stable_ms);
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+        }
+        d
+    }
+
+    async fn stop_all(&mut self) {
+        if let Some((old, _)) = self.draining.take() {
+            old.set.stop().await;
+        }
+        if let Some(cur) = self.current.take() {
+            cur.set.stop().await;
+        }
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+pub fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fleet-agent".into())
+}
+
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or its max lifetime (power-off).
+pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
+    let cfg = Arc::new(cfg);
+    let ca = cfg.ca_pem()?;
+    let token = cfg.token()?;
+    let client = Client::new(&cfg.controller, &ca, Some(&format!("Bearer {token}"))).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(cfg.state_dir.join("bundles"))
+        .map_err(|e| format!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
+    let store = Arc::new(Store { dir: cfg.state_dir.clone() });
+    let vk = cfg.verify_key();
+    let last_good = match store.load_last_good(&vk) {
+        Ok(r) => r,
+        Err(e) => {
+            log!("ignoring saved state: {e}");
+            None
+        }
+    };
+
+    let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
+    let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
+    let (hb_tx, hb_rx) = watch::channel(Heartbeat {
+        node_id: node_id.clone(),
+        backend: cfg.backend.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        running: None,
+        last_good: None,
+        workers: vec![],
+        status: "waiting".into(),
+        last_error: None,
+        rejected: None,
+        uptime_s: 0,
+    });
+    let mut agent = Agent {
+        cfg: cfg.clone(),
+        node_id,
+        store: store.clone(),
+        exits_tx,
+        current: None,
+        draining: None,
+        last_good: last_good.clone(),
+        latest: None,
+        rejected: None,
+        status: "waiting",
+        last_error: None,
+        next_gen: 0,
+        started: Instant::now(),
+        hb: hb_tx,
+    };
+    log!("node {} following {} (state in {})", agent.node_id, cfg.controller, cfg.state_dir.display());
+    if let Some(good) = &last_good {
+        // Start from disk at once; the controller's current manifest replaces it if newer.
+        agent.latest = Some(good.clone());
+        let spec = RunSpec::of(good);
+        agent.status = "offline_fallback";
+        agent.switch_to(spec);
+        agent.publish();
+    }
+
+    tokio::spawn(poller(client.clone(), cfg.clone(), store, last_good.map(|r| r.manifest.sequence), poll_tx));
+    tokio::spawn(heartbeats(client, hb_rx));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hb_tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms.max(100)));
+    let lifetime_end = cfg.max_lifetime_s.map(|s| TokioInstant::now() + Duration::from_secs(s));
+
+    loop {
+        let deadline = agent.next_deadline().map(TokioInstant::from_std);
+        tokio::select! {
+            Some(p) = poll_rx.recv() => match p {
+                Poll::Release(rel) => agent.on_release(rel),
+                Poll::Refused(line) => {
+                    log!("{line}");
+                    agent.last_error = Some(line);
+                    agent.publish();
+                }
+                Poll::Unreachable(line) => {
+                    log!("controller unreachable ({line}); keeping the current workers and retrying");
+                    if agent.current.is_none() {
+                        agent.status = "waiting";
+                    } else if agent.status == "running" {
+                        agent.status = "offline_fallback";
+                    }
+                    agent.last_error = Some(line);
+                    agent.publish();
+                }
+                Poll::Reachable => {
+                    if agent.status == "offline_fallback" {
+                        agent.status = "running";
+                    }
+                    agent.publish();
+                }
+            },
+            Some(e) = exits_rx.recv() => agent.on_exit(e),
+            _ = async { sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => agent.on_tick(),
+            _ = hb_tick.tick() => agent.publish(),
+            _ = sigterm.recv() => {
+                log!("SIGTERM: stopping workers");
+                agent.stop_all().await;
+                return Ok(());
+            }
+            _ = sigint.recv() => {
+                log!("SIGINT: stopping workers");
+                agent.stop_all().await;
+                return Ok(());
+            }
+            _ = async { sleep_until(lifetime_end.expect("guarded")).await }, if lifetime_end.is_some() => {
+                log!("max lifetime reached: stopping workers and powering off");
+                agent.stop_all().await;
+                let cmd = &cfg.poweroff_command;
+                let st = tokio::process::Command::new(&cmd[0]).args(&cmd[1..]).status().await;
+                return match st {
+                    Ok(s) if s.success() => Ok(()),
+                    Ok(s) => Err(format!("power-off command {:?} failed: {}", cmd, crate::supervisor::describe(s))),
+                    Err(e) => Err(format!("power-off command {:?} failed: {e}", cmd)),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Agent configuration, merged from layered sources.
+//!
+//! Each source yields a TOML table; later layers override earlier ones key by key:
+//! 1. the config file (`/etc/fleet/agent.toml`, baked into the AMI),
+//! 2. EC2 user-data (a TOML document read over IMDSv2; see `docs/user-data.md`),
+//! 3. environment variables `FLEET_AGENT_<KEY>` (through the [`Env`] trait, so tests use a map),
+//! 4. command-line `--set key=value`.
+//!
+//! Fetching a source is kept apart from parsing it: everything here works on strings and maps.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use fleet_common::manifest::VerifyKey;
+use serde::Deserialize;
+
+/// Where the baked-in config lives; `ami/fleet-agent.service` points here too.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/fleet/agent.toml";
+
+/// Every key the agent understands. Unknown keys are refused so a typo is not silently ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `https://host:port` of the controller.
+    pub controller: String,
+    /// PEM of the fleet CA, inline (user-data carries it this way)...
+    pub ca_pem: Option<String>,
+    /// ...or a path to it.
+    pub ca_file: Option<PathBuf>,
+    /// The fleet's agent token, inline or in a file.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// Base64 Ed25519 public key that bundles must be signed with.
+    pub verify_key: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Defaults to the EC2 instance id when user-data came from IMDS, else the host name.
+    pub node_id: Option<String>,
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Locust workers to run; 0 means one per available CPU.
+    #[serde(default)]
+    pub workers: u32,
+    /// The `locust` executable.
+    #[serde(default = "default_locust")]
+    pub locust: String,
+    /// Replaces the whole worker command line. Placeholders: `{locustfile}`, `{bundle_dir}`,
+    /// `{master_host}`, `{master_port}`, `{index}`. Used for stub workers in benchmarks.
+    pub worker_command: Option<Vec<String>>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// How long a new worker gets to join the master before the old one is stopped.
+    #[serde(default = "default_join_grace_ms")]
+    pub join_grace_ms: u64,
+    /// SIGTERM to SIGKILL grace for a worker's process group.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+    /// A bundle whose workers ran this long without crash-looping becomes the last good one.
+    #[serde(default = "default_stable_ms")]
+    pub stable_ms: u64,
+    /// Worker exits within `stable_ms` of a bundle's start that count as a crash loop.
+    #[serde(default = "default_crash_loop_exits")]
+    pub crash_loop_exits: u32,
+    /// Long-poll length asked of the controller, seconds.
+    #[serde(default = "default_poll_wait_s")]
+    pub poll_wait_s: u64,
+    /// Power the node off after this long (seconds). Unset: never.
+    pub max_lifetime_s: Option<u64>,
+    #[serde(default = "default_poweroff")]
+    pub poweroff_command: Vec<String>,
+    /// Largest bundle accepted, bytes (packed).
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: u64,
+    /// Largest bundle accepted once unpacked, bytes.
+    #[serde(default = "default_max_unpacked")]
+    pub max_unpacked_bytes: u64,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/fleet-agent")
+}
+fn default_backend() -> String {
+    "static".into()
+}
+fn default_locust() -> String {
+    "locust".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    5_000
+}
+fn default_join_grace_ms() -> u64 {
+    1_000
+}
+fn default_stop_grace_ms() -> u64 {
+    5_000
+}
+fn default_stable_ms() -> u64 {
+    15_000
+}
+fn default_crash_loop_exits() -> u32 {
+    3
+}
+fn default_poll_wait_s() -> u64 {
+    30
+}
+fn default_poweroff() -> Vec<String> {
+    vec!["systemctl".into(), "poweroff".into()]
+}
+fn default_max_bundle() -> u64 {
+    fleet_common::bundle::Limits::default().max_packed
+}
+fn default_max_unpacked() -> u64 {
+    fleet_common::bundle::Limits::default().max_unpacked
+}
+
+/// Read access to the process environment, so parsing is tested on a map.
+pub trait Env {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+pub type Table = toml::Table;
+
+/// Parses one TOML source; `what` names it in errors.
+pub fn parse_source(what: &str, text: &str) -> Result<Table, String> {
+    text.parse::<Table>().map_err(|e| format!("{what}: {}", one_line(&e.to_string())))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A value given as text (env or flag): TOML syntax if it parses as a value, else a string.
+fn loose_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// The `FLEET_AGENT_<KEY>` overrides for every known key.
+pub fn env_source(env: &dyn Env) -> Table {
+    let mut t = Table::new();
+    for key in KEYS {
+        if let Some(v) = env.var(&format!("FLEET_AGENT_{}", key.to_ascii_uppercase())) {
+            t.insert((*key).into(), loose_value(&v));
+        }
+    }
+    t
+}
+
+/// `--set key=value` overrides.
+pub fn flag_source(sets: &[String]) -> Result<Table, String> {
+    let mut t = Table::new();
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--set {s:?}: expected key=value"))?;
+        t.insert(k.trim().into(), loose_value(v.trim()));
+    }
+    Ok(t)
+}
+
+const KEYS: &[&str] = &[
+    "controller",
+    "ca_pem",
+    "ca_file",
+    "token",
+    "token_file",
+    "verify_key",
+    "state_dir",
+    "node_id",
+    "backend",
+    "workers",
+    "locust",
+    "worker_command",
+    "heartbeat_ms",
+    "join_grace_ms",
+    "stop_grace_ms",
+    "stable_ms",
+    "crash_loop_exits",
+    "poll_wait_s",
+    "max_lifetime_s",
+    "poweroff_command",
+    "max_bundle_bytes",
+    "max_unpacked_bytes",
+];
+
+/// Merges layers in order (later wins) and validates the result.
+pub fn merge(layers: &[Table]) -> Result<Config, String> {
+    let mut merged = Table::new();
+    for l in layers {
+        for (k, v) in l {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    let cfg: Config = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("agent config: {}", one_line(e.message())))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), String> {
+        if !self.controller.starts_with("https://") {
+            return Err(format!(
+                "agent config: controller {:?} must be an https:// URL (fleet has no plaintext listener)",
+                self.controller
+            ));
+        }
+        VerifyKey::from_base64(&self.verify_key)
+            .map_err(|e| format!("agent config: verify_key: {e}"))?;
+        if self.ca_pem.is_none() && self.ca_file.is_none() {
+            return Err("agent config: set ca_pem or ca_file (the fleet CA that signed the controller's certificate)".into());
+        }
+        if self.token.is_none() && self.token_file.is_none() {
+            return Err("agent config: set token or token_file (the fleet's agent token)".into());
+        }
+        if let Some(cmd) = &self.worker_command {
+            if cmd.is_empty() {
+                return Err("agent config: worker_command must not be empty".into());
+            }
+        }
+        if self.poweroff_command.is_empty() {
+            return Err("agent config: poweroff_command must not be empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn verify_key(&self) -> VerifyKey {
+        VerifyKey::from_base64(&self.verify_key).expect("validated")
+    }
+
+    pub fn ca_pem(&self) -> Result<String, String> {
+        match (&self.ca_pem, &self.ca_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", f.display())),
+            (None, None) => unreachable!("validated"),
+        }
+    }
+
+    pub fn token(&self) -> Result<String, String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(t.trim().to_string()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("cannot read token_file {}: {e}", f.display())),
+            (None, None) => unreachable!("validated"),
+        }
+    }
+
+    pub fn worker_count(&self) -> u32 {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+        }
+    }
+
+    pub fn limits(&self) -> fleet_common::bundle::Limits {
+        fleet_common::bundle::Limits {
+            max_packed: self.max_bundle_bytes,
+            max_unpacked: self.max_unpacked_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn file() -> Table {
+        parse_source(
+            "file",
+            &format!(
+                "controller = \"https://10.0.0.1:8443\"\nca_file = \"/etc/fleet/ca.pem\"\ntoken_file = \"/etc/fleet/token\"\nverify_key = \"{KEY}\"\nworkers = 2\n"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn later_layers_override_earlier_ones() {
+        let user_data = parse_source("user-data", "controller = \"https://10.0.0.9:8443\"\nworkers = 4\n").unwrap();
+        let mut env = BTreeMap::new();
+        env.insert("FLEET_AGENT_WORKERS".to_string(), "8".to_string());
+        env.insert("FLEET_AGENT_NODE_ID".to_string(), "node-1".to_string());
+        env.insert("UNRELATED".to_string(), "x".to_string());
+        let flags = flag_source(&["join_grace_ms=250".into(), "worker_command=[\"sleep\", \"1000\"]".into()]).unwrap();
+        let cfg = merge(&[file(), user_data, env_source(&env), flags]).unwrap();
+        assert_eq!(cfg.controller, "https://10.0.0.9:8443");
+        assert_eq!(cfg.workers, 8);
+        assert_eq!(cfg.node_id.as_deref(), Some("node-1"));
+        assert_eq!(cfg.join_grace_ms, 250);
+        assert_eq!(cfg.worker_command, Some(vec!["sleep".to_string(), "1000".to_string()]));
+        assert_eq!(cfg.heartbeat_ms, 5_000);
+    }
+
+    #[test]
+    fn bad_configs_are_one_clear_line() {
+        let e = merge(&[parse_source("f", "controller = \"http://x\"").unwrap()]).unwrap_err();
+        assert!(e.contains("verify_key") || e.contains("missing"), "{e}");
+        let mut t = file();
+        t.insert("controller".into(), "http://10.0.0.1:8080".into());
+        assert!(merge(&[t]).unwrap_err().contains("https://"));
+        let mut t = file();
+        t.insert("wrokers".into(), 3.into());
+        let e = merge(&[t]).unwrap_err();
+        assert!(e.contains("wrokers") && !e.contains('\n'), "{e}");
+        let mut t = file();
+        t.remove("token_file");
+        assert!(merge(&[t]).unwrap_err().contains("token"));
+        assert!(parse_source("user-data", "controller = ").unwrap_err().starts_with("user-data:"));
+        assert!(flag_source(&["novalue".into()]).is_err());
+    }
+}

@@ -1,0 +1,312 @@
+//! Supervision of a set of worker processes.
+//!
+//! Each worker runs in a process group of its own, so stopping it reaches anything it spawned:
+//! SIGTERM to the group, a grace period, then SIGKILL. A worker that exits, whatever its exit
+//! code, is restarted after a capped exponential backoff (Locust workers orphaned by a master
+//! restart exit 0 after 60 s: LOCUST.md). Every exit is also reported on a channel, so the
+//! agent can tell a crash loop from an occasional restart.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_common::wire::{WorkerReport, WorkerState};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// First restart delay; doubled on every consecutive quick exit up to [`BACKOFF_MAX`].
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct WorkerCmd {
+    pub argv: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub join_grace: Duration,
+    pub stop_grace: Duration,
+    /// A worker that ran this long resets its backoff.
+    pub stable: Duration,
+}
+
+/// One worker exit, as the agent's main loop sees it.
+#[derive(Debug)]
+pub struct Exit {
+    pub generation: u64,
+    pub index: u32,
+    pub status: String,
+}
+
+#[derive(Debug, Clone)]
+struct SlotStatus {
+    pid: Option<u32>,
+    state: WorkerState,
+    restarts: u32,
+    last_exit: Option<String>,
+}
+
+struct Slot {
+    status: Arc<Mutex<SlotStatus>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// The workers of one bundle generation.
+pub struct WorkerSet {
+    pub generation: u64,
+    slots: Vec<Slot>,
+}
+
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    }
+}
+
+fn signal_group(pid: u32, sig: Signal) {
+    // ESRCH (already gone) is the normal case after the leader exits; nothing to report.
+    let _ = killpg(Pid::from_raw(pid as i32), sig);
+}
+
+fn spawn(cmd: &WorkerCmd) -> std::io::Result<Child> {
+    let mut c = Command::new(&cmd.argv[0]);
+    c.args(&cmd.argv[1..])
+        .current_dir(&cmd.cwd)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(false);
+    c.spawn()
+}
+
+async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> Option<ExitStatus> {
+    signal_group(pid, Signal::SIGTERM);
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s.ok(),
+        Err(_) => {
+            signal_group(pid, Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    };
+    signal_group(pid, Signal::SIGKILL);
+    status
+}
+
+async fn run_slot(
+    generation: u64,
+    index: u32,
+    cmd: WorkerCmd,
+    timing: Timing,
+    status: Arc<Mutex<SlotStatus>>,
+    mut stop: oneshot::Receiver<()>,
+    exits: mpsc::UnboundedSender<Exit>,
+) {
+    let set = |f: &dyn Fn(&mut SlotStatus)| f(&mut status.lock().unwrap());
+    let mut backoff = BACKOFF_INITIAL;
+    loop {
+        let started = Instant::now();
+        let exit_line = match spawn(&cmd) {
+            Err(e) => format!("spawn of {} failed: {e}", cmd.argv[0]),
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                set(&|s| {
+                    s.pid = Some(pid);
+                    s.state = WorkerState::Starting;
+                });
+                let grace = tokio::time::sleep(timing.join_grace);
+                tokio::pin!(grace);
+                let mut joined = false;
+                loop {
+                    tokio::select! {
+                        _ = &mut grace, if !joined => {
+                            joined = true;
+                            set(&|s| s.state = WorkerState::Running);
+                        }
+                        r = child.wait() => {
+                            signal_group(pid, Signal::SIGKILL);
+                            break match r {
+                                Ok(st) => describe(st),
+                                Err(e) => format!("wait failed: {e}"),
+                            };
+                        }
+                        _ = &mut stop => {
+                            set(&|s| s.state = WorkerState::Stopping);
+                            let st = terminate(&mut child, pid, timing.stop_grace).await;
+                            set(&|s| {
+                                s.pid = None;
+                                s.last_exit = st.map(describe);
+                            });
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        set(&|s| {
+            s.pid = None;
+            s.state = WorkerState::Backoff;
+            s.last_exit = Some(exit_line.clone());
+        });
+        let _ = exits.send(Exit { generation, index, status: exit_line });
+        if started.elapsed() >= timing.stable {
+            backoff = BACKOFF_INITIAL;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut stop => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        set(&|s| s.restarts += 1);
+    }
+}
+
+impl WorkerSet {
+    pub fn start(generation: u64, cmds: Vec<WorkerCmd>, timing: Timing, exits: mpsc::UnboundedSender<Exit>) -> WorkerSet {
+        let slots = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, cmd)| {
+                let status = Arc::new(Mutex::new(SlotStatus {
+                    pid: None,
+                    state: WorkerState::Starting,
+                    restarts: 0,
+                    last_exit: None,
+                }));
+                let (tx, rx) = oneshot::channel();
+                let task = tokio::spawn(run_slot(generation, i as u32, cmd, timing, status.clone(), rx, exits.clone()));
+                Slot { status, stop: Some(tx), task }
+            })
+            .collect();
+        WorkerSet { generation, slots }
+    }
+
+    pub fn reports(&self) -> Vec<WorkerReport> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let st = s.status.lock().unwrap().clone();
+                WorkerReport {
+                    index: i as u32,
+                    pid: st.pid,
+                    state: st.state,
+                    restarts: st.restarts,
+                    last_exit: st.last_exit,
+                }
+            })
+            .collect()
+    }
+
+    /// Workers with a live process right now.
+    pub fn alive(&self) -> usize {
+        self.slots.iter().filter(|s| s.status.lock().unwrap().pid.is_some()).count()
+    }
+
+    /// Stops every worker (SIGTERM, grace, SIGKILL) and waits until all are gone.
+    pub async fn stop(mut self) {
+        for s in &mut self.slots {
+            if let Some(tx) = s.stop.take() {
+                let _ = tx.send(());
+            }
+        }
+        for s in self.slots {
+            let _ = s.task.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> WorkerCmd {
+        WorkerCmd {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            cwd: std::env::temp_dir(),
+            env: vec![],
+        }
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            join_grace: Duration::from_millis(50),
+            stop_grace: Duration::from_millis(300),
+            stable: Duration::from_secs(5),
+        }
+    }
+
+    /// Alive and not a zombie: an orphaned grandchild is reaped by init, maybe not at once.
+    fn alive(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit(')').next().map(|r| r.trim_start().chars().next() != Some('Z')).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_that_exit_are_restarted_whatever_the_code() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let set = WorkerSet::start(7, vec![sh("exit 0"), sh("exit 3")], timing(), tx);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+            assert_eq!(e.generation, 7);
+            seen.insert((e.index, e.status));
+        }
+        assert!(seen.contains(&(0, "exit 0".to_string())));
+        assert!(seen.contains(&(1, "exit 3".to_string())));
+        assert!(set.reports().iter().any(|r| r.restarts >= 1));
+        set.stop().await;
+    }
+
+    #[tokio::test]
+    async fn stop_reaches_the_whole_process_group_and_kills_after_grace() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        // The worker ignores SIGTERM and has a grandchild that does too.
+        let script = format!("trap '' TERM; sh -c 'trap \"\" TERM; echo $$ > {}; sleep 60' & sleep 60", pidfile.display());
+        let set = WorkerSet::start(1, vec![sh(&script)], timing(), tx);
+        let mut grandchild = None;
+        for _ in 0..100 {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                if let Ok(p) = s.trim().parse::<u32>() {
+                    grandchild = Some(p);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let grandchild = grandchild.expect("grandchild started");
+        let leader = set.reports()[0].pid.unwrap();
+        assert!(alive(leader) && alive(grandchild));
+        let t = Instant::now();
+        set.stop().await;
+        assert!(t.elapsed() >= Duration::from_millis(300), "SIGKILL came before the grace period");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!alive(leader), "leader survived");
+        assert!(!alive(grandchild), "grandchild survived");
+    }
+
+    #[tokio::test]
+    async fn sigterm_is_enough_for_a_cooperative_worker() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let set = WorkerSet::start(1, vec![sh("exec sleep 60")], timing(), tx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(set.alive(), 1);
+        let t = Instant::now();
+        set.stop().await;
+        assert!(t.elapsed() < Duration::from_millis(300));
+    }
+}
