@@ -37,7 +37,10 @@ const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A verified manifest whose bundle is unpacked on disk.
@@ -104,7 +107,7 @@ struct Gen {
 
 /// Messages from the poller.
 enum Poll {
-    Release(Release),
+    Release(Box<Release>),
     Refused(String),
     Unreachable(String),
     Reachable,
@@ -131,7 +134,10 @@ impl Store {
     }
 
     pub fn save_last_good(&self, r: &Release) -> std::io::Result<()> {
-        let p = Persisted { manifest: B64.encode(&r.signed.bytes), signature: r.signed.signature_b64() };
+        let p = Persisted {
+            manifest: B64.encode(&r.signed.bytes),
+            signature: r.signed.signature_b64(),
+        };
         let tmp = self.dir.join("last_good.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&p).expect("serialises"))?;
         std::fs::rename(tmp, self.last_good_path())
@@ -144,20 +150,37 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read last good state: {e}")),
         };
-        let p: Persisted = serde_json::from_slice(&raw).map_err(|e| format!("last good state is corrupt: {e}"))?;
-        let bytes = B64.decode(&p.manifest).map_err(|_| "last good state is corrupt".to_string())?;
-        let m = vk.verify_b64(&bytes, &p.signature).map_err(|e| format!("last good state: {e}"))?;
+        let p: Persisted =
+            serde_json::from_slice(&raw).map_err(|e| format!("last good state is corrupt: {e}"))?;
+        let bytes = B64
+            .decode(&p.manifest)
+            .map_err(|_| "last good state is corrupt".to_string())?;
+        let m = vk
+            .verify_b64(&bytes, &p.signature)
+            .map_err(|e| format!("last good state: {e}"))?;
         let dir = self.bundle_dir(&m.bundle.sha256);
         if !dir.join(&m.locustfile).is_file() {
-            return Err(format!("last good bundle {} is missing from {}", m.bundle.sha256, dir.display()));
+            return Err(format!(
+                "last good bundle {} is missing from {}",
+                m.bundle.sha256,
+                dir.display()
+            ));
         }
-        let signature = B64.decode(&p.signature).map_err(|_| "last good state is corrupt".to_string())?;
-        Ok(Some(Release { manifest: m, signed: Signed { bytes, signature }, dir }))
+        let signature = B64
+            .decode(&p.signature)
+            .map_err(|_| "last good state is corrupt".to_string())?;
+        Ok(Some(Release {
+            manifest: m,
+            signed: Signed { bytes, signature },
+            dir,
+        }))
     }
 
     /// Removes unpacked bundles other than `keep`.
     fn gc(&self, keep: &[&str]) {
-        let Ok(rd) = std::fs::read_dir(self.dir.join("bundles")) else { return };
+        let Ok(rd) = std::fs::read_dir(self.dir.join("bundles")) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
@@ -169,7 +192,13 @@ impl Store {
 }
 
 /// Fetches, verifies and unpacks the bundle a verified manifest names (if not on disk yet).
-async fn materialise(client: &Client, cfg: &Config, store: &Store, m: Manifest, signed: Signed) -> Result<Release, String> {
+async fn materialise(
+    client: &Client,
+    cfg: &Config,
+    store: &Store,
+    m: Manifest,
+    signed: Signed,
+) -> Result<Release, String> {
     let dir = store.bundle_dir(&m.bundle.sha256);
     if !dir.join(&m.locustfile).is_file() {
         if m.bundle.size > cfg.max_bundle_bytes {
@@ -180,7 +209,11 @@ async fn materialise(client: &Client, cfg: &Config, store: &Store, m: Manifest, 
         }
         let path = format!("{}/{}", routes::BUNDLES, m.bundle.sha256);
         let resp = client
-            .get(&path, Duration::from_secs(120), cfg.max_bundle_bytes as usize + 1)
+            .get(
+                &path,
+                Duration::from_secs(120),
+                cfg.max_bundle_bytes as usize + 1,
+            )
             .await
             .map_err(|e| e.to_string())?;
         if resp.status != 200 {
@@ -194,20 +227,35 @@ async fn materialise(client: &Client, cfg: &Config, store: &Store, m: Manifest, 
         bundle::unpack(&resp.body, &dir, &cfg.limits()).map_err(|e| e.to_string())?;
         if !dir.join(&m.locustfile).is_file() {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(format!("bundle {} has no {}", m.bundle.sha256, m.locustfile));
+            return Err(format!(
+                "bundle {} has no {}",
+                m.bundle.sha256, m.locustfile
+            ));
         }
     }
-    Ok(Release { manifest: m, signed, dir })
+    Ok(Release {
+        manifest: m,
+        signed,
+        dir,
+    })
 }
 
-async fn poller(client: Client, cfg: Arc<Config>, store: Arc<Store>, mut floor: Option<u64>, tx: mpsc::UnboundedSender<Poll>) {
+async fn poller(
+    client: Client,
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    mut floor: Option<u64>,
+    tx: mpsc::UnboundedSender<Poll>,
+) {
     let vk = cfg.verify_key();
     let mut retry = RETRY_INITIAL;
     let mut reachable: Option<bool> = None;
     loop {
+        // Always a long-poll: before anything is published the controller holds the request
+        // until the first publication instead of answering 404 at once.
         let path = match floor {
             Some(s) => format!("{}?after={s}&wait={}", routes::MANIFEST, cfg.poll_wait_s),
-            None => routes::MANIFEST.to_string(),
+            None => format!("{}?wait={}", routes::MANIFEST, cfg.poll_wait_s),
         };
         let res = client
             .get(&path, Duration::from_secs(cfg.poll_wait_s + 15), 1 << 20)
@@ -237,12 +285,14 @@ async fn poller(client: Client, cfg: Arc<Config>, store: Arc<Store>, mut floor: 
                                     let seq = m.sequence;
                                     match materialise(&client, &cfg, &store, m, signed).await {
                                         Ok(rel) => {
-                                            let _ = tx.send(Poll::Release(rel));
+                                            let _ = tx.send(Poll::Release(Box::new(rel)));
                                         }
                                         Err(e) => {
                                             // The sequence stays consumed: the same bad bundle is
                                             // not fetched again, a newer publication is.
-                                            let _ = tx.send(Poll::Refused(format!("refused bundle of sequence {seq}: {e}")));
+                                            let _ = tx.send(Poll::Refused(format!(
+                                                "refused bundle of sequence {seq}: {e}"
+                                            )));
                                         }
                                     }
                                 }
@@ -281,7 +331,10 @@ async fn poller(client: Client, cfg: Arc<Config>, store: Arc<Store>, mut floor: 
 
 /// A number in [0, 1) from the clock's low bits: enough to spread reconnects, no RNG needed.
 fn jitter_fraction() -> f64 {
-    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     (n % 1_000_003) as f64 / 1_000_003.0
 }
 
@@ -290,7 +343,10 @@ async fn heartbeats(client: Client, mut rx: watch::Receiver<Heartbeat>) {
     while rx.changed().await.is_ok() {
         let hb = rx.borrow_and_update().clone();
         let body = serde_json::to_vec(&hb).expect("serialises");
-        match client.post_json(routes::HEARTBEAT, body, Duration::from_secs(10)).await {
+        match client
+            .post_json(routes::HEARTBEAT, body, Duration::from_secs(10))
+            .await
+        {
             Ok(r) if r.status == 200 => failing = false,
             Ok(r) => {
                 if !failing {
@@ -308,7 +364,13 @@ async fn heartbeats(client: Client, mut rx: watch::Receiver<Heartbeat>) {
     }
 }
 
-pub fn substitute(template: &[String], spec_dir: &Path, locustfile: &Path, master: &MasterAddr, index: u32) -> Vec<String> {
+pub fn substitute(
+    template: &[String],
+    spec_dir: &Path,
+    locustfile: &Path,
+    master: &MasterAddr,
+    index: u32,
+) -> Vec<String> {
     template
         .iter()
         .map(|a| {
@@ -437,7 +499,10 @@ impl Agent {
             backend: self.cfg.backend.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             running,
-            last_good: self.last_good.as_ref().map(|r| r.manifest.bundle.sha256.clone()),
+            last_good: self
+                .last_good
+                .as_ref()
+                .map(|r| r.manifest.bundle.sha256.clone()),
             workers,
             status: self.status.into(),
             last_error: self.last_error.clone(),
@@ -455,9 +520,8 @@ impl Agent {
         if self.rejected.as_deref() == Some(spec.sha.as_str()) {
             // A newer publication of a bundle that crash-looped here (a master restart, say):
             // follow its master and arguments, but keep running the last good code.
-            match &self.last_good {
-                Some(good) => spec = RunSpec::code_from(good, &spec),
-                None => {}
+            if let Some(good) = &self.last_good {
+                spec = RunSpec::code_from(good, &spec);
             }
         } else {
             self.rejected = None;
@@ -514,11 +578,29 @@ impl Agent {
             return;
         }
         cur.exits += 1;
-        log!("worker {} of bundle {} exited ({}); restarting", e.index, short(&cur.spec.sha), e.status);
+        log!(
+            "worker {} of bundle {} exited ({}); restarting",
+            e.index,
+            short(&cur.spec.sha),
+            e.status
+        );
         let young = cur.started.elapsed() < Duration::from_millis(self.cfg.stable_ms);
-        let proven = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256 == cur.spec.sha).unwrap_or(false);
-        if young && !proven && cur.exits >= self.cfg.crash_loop_exits.max(1) && self.status != "crash_loop" {
-            let why = format!("workers crash-looped ({} exits in {:.1}s, last: {})", cur.exits, cur.started.elapsed().as_secs_f64(), e.status);
+        let proven = self
+            .last_good
+            .as_ref()
+            .map(|g| g.manifest.bundle.sha256 == cur.spec.sha)
+            .unwrap_or(false);
+        if young
+            && !proven
+            && cur.exits >= self.cfg.crash_loop_exits.max(1)
+            && self.status != "crash_loop"
+        {
+            let why = format!(
+                "workers crash-looped ({} exits in {:.1}s, last: {})",
+                cur.exits,
+                cur.started.elapsed().as_secs_f64(),
+                e.status
+            );
             self.roll_back(why);
         } else {
             self.publish();
@@ -544,14 +626,31 @@ impl Agent {
             }
         }
         if let Some(cur) = &self.current {
+            // A first start has no overlap to end: it is running once its join grace passed.
+            let joined = cur.started.elapsed() >= Duration::from_millis(self.cfg.join_grace_ms);
+            if joined && self.draining.is_none() && self.status == "starting" {
+                self.status = "running";
+                self.publish();
+            }
+        }
+        if let Some(cur) = &self.current {
             let stable = cur.started.elapsed() >= Duration::from_millis(self.cfg.stable_ms);
-            let good_sha = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256.as_str());
-            if stable && self.draining.is_none() && good_sha != Some(cur.spec.sha.as_str()) && self.status != "crash_loop" {
+            let good_sha = self
+                .last_good
+                .as_ref()
+                .map(|g| g.manifest.bundle.sha256.as_str());
+            if stable
+                && self.draining.is_none()
+                && good_sha != Some(cur.spec.sha.as_str())
+                && self.status != "crash_loop"
+            {
                 if let Some(latest) = &self.latest {
                     if latest.manifest.bundle.sha256 == cur.spec.sha {
                         let rel = latest.clone();
                         match self.store.save_last_good(&rel) {
-                            Ok(()) => log!("bundle {} is now the last good one", short(&cur.spec.sha)),
+                            Ok(()) => {
+                                log!("bundle {} is now the last good one", short(&cur.spec.sha))
+                            }
                             Err(e) => log!("cannot save last good state: {e}"),
                         }
                         self.last_good = Some(rel);
@@ -566,7 +665,15 @@ impl Agent {
     fn next_deadline(&self) -> Option<Instant> {
         let mut d = self.draining.as_ref().map(|(_, t)| *t);
         if let Some(cur) = &self.current {
-            let good = self.last_good.as_ref().map(|g| g.manifest.bundle.sha256 == cur.spec.sha).unwrap_or(false);
+            if self.status == "starting" && self.draining.is_none() {
+                let t = cur.started + Duration::from_millis(self.cfg.join_grace_ms);
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+            let good = self
+                .last_good
+                .as_ref()
+                .map(|g| g.manifest.bundle.sha256 == cur.spec.sha)
+                .unwrap_or(false);
             if !good && self.status != "crash_loop" {
                 let t = cur.started + Duration::from_millis(self.cfg.stable_ms);
                 d = Some(d.map_or(t, |x| x.min(t)));
@@ -602,10 +709,13 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
     let cfg = Arc::new(cfg);
     let ca = cfg.ca_pem()?;
     let token = cfg.token()?;
-    let client = Client::new(&cfg.controller, &ca, Some(&format!("Bearer {token}"))).map_err(|e| e.to_string())?;
+    let client = Client::new(&cfg.controller, &ca, Some(&format!("Bearer {token}")))
+        .map_err(|e| e.to_string())?;
     std::fs::create_dir_all(cfg.state_dir.join("bundles"))
         .map_err(|e| format!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
-    let store = Arc::new(Store { dir: cfg.state_dir.clone() });
+    let store = Arc::new(Store {
+        dir: cfg.state_dir.clone(),
+    });
     let vk = cfg.verify_key();
     let last_good = match store.load_last_good(&vk) {
         Ok(r) => r,
@@ -645,7 +755,12 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         started: Instant::now(),
         hb: hb_tx,
     };
-    log!("node {} following {} (state in {})", agent.node_id, cfg.controller, cfg.state_dir.display());
+    log!(
+        "node {} following {} (state in {})",
+        agent.node_id,
+        cfg.controller,
+        cfg.state_dir.display()
+    );
     if let Some(good) = &last_good {
         // Start from disk at once; the controller's current manifest replaces it if newer.
         agent.latest = Some(good.clone());
@@ -655,20 +770,28 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         agent.publish();
     }
 
-    tokio::spawn(poller(client.clone(), cfg.clone(), store, last_good.map(|r| r.manifest.sequence), poll_tx));
+    tokio::spawn(poller(
+        client.clone(),
+        cfg.clone(),
+        store,
+        last_good.map(|r| r.manifest.sequence),
+        poll_tx,
+    ));
     tokio::spawn(heartbeats(client, hb_rx));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hb_tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms.max(100)));
-    let lifetime_end = cfg.max_lifetime_s.map(|s| TokioInstant::now() + Duration::from_secs(s));
+    let lifetime_end = cfg
+        .max_lifetime_s
+        .map(|s| TokioInstant::now() + Duration::from_secs(s));
 
     loop {
         let deadline = agent.next_deadline().map(TokioInstant::from_std);
         tokio::select! {
             Some(p) = poll_rx.recv() => match p {
-                Poll::Release(rel) => agent.on_release(rel),
+                Poll::Release(rel) => agent.on_release(*rel),
                 Poll::Refused(line) => {
                     log!("{line}");
                     agent.last_error = Some(line);

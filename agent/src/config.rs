@@ -136,7 +136,8 @@ pub type Table = toml::Table;
 
 /// Parses one TOML source; `what` names it in errors.
 pub fn parse_source(what: &str, text: &str) -> Result<Table, String> {
-    text.parse::<Table>().map_err(|e| format!("{what}: {}", one_line(&e.to_string())))
+    text.parse::<Table>()
+        .map_err(|e| format!("{what}: {}", one_line(&e.to_string())))
 }
 
 fn one_line(s: &str) -> String {
@@ -146,7 +147,9 @@ fn one_line(s: &str) -> String {
 /// A value given as text (env or flag): TOML syntax if it parses as a value, else a string.
 fn loose_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -268,7 +271,9 @@ impl Config {
         if self.workers > 0 {
             self.workers
         } else {
-            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
         }
     }
 
@@ -299,18 +304,29 @@ mod tests {
 
     #[test]
     fn later_layers_override_earlier_ones() {
-        let user_data = parse_source("user-data", "controller = \"https://10.0.0.9:8443\"\nworkers = 4\n").unwrap();
+        let user_data = parse_source(
+            "user-data",
+            "controller = \"https://10.0.0.9:8443\"\nworkers = 4\n",
+        )
+        .unwrap();
         let mut env = BTreeMap::new();
         env.insert("FLEET_AGENT_WORKERS".to_string(), "8".to_string());
         env.insert("FLEET_AGENT_NODE_ID".to_string(), "node-1".to_string());
         env.insert("UNRELATED".to_string(), "x".to_string());
-        let flags = flag_source(&["join_grace_ms=250".into(), "worker_command=[\"sleep\", \"1000\"]".into()]).unwrap();
+        let flags = flag_source(&[
+            "join_grace_ms=250".into(),
+            "worker_command=[\"sleep\", \"1000\"]".into(),
+        ])
+        .unwrap();
         let cfg = merge(&[file(), user_data, env_source(&env), flags]).unwrap();
         assert_eq!(cfg.controller, "https://10.0.0.9:8443");
         assert_eq!(cfg.workers, 8);
         assert_eq!(cfg.node_id.as_deref(), Some("node-1"));
         assert_eq!(cfg.join_grace_ms, 250);
-        assert_eq!(cfg.worker_command, Some(vec!["sleep".to_string(), "1000".to_string()]));
+        assert_eq!(
+            cfg.worker_command,
+            Some(vec!["sleep".to_string(), "1000".to_string()])
+        );
         assert_eq!(cfg.heartbeat_ms, 5_000);
     }
 
@@ -328,7 +344,9 @@ mod tests {
         let mut t = file();
         t.remove("token_file");
         assert!(merge(&[t]).unwrap_err().contains("token"));
-        assert!(parse_source("user-data", "controller = ").unwrap_err().starts_with("user-data:"));
+        assert!(parse_source("user-data", "controller = ")
+            .unwrap_err()
+            .starts_with("user-data:"));
         assert!(flag_source(&["novalue".into()]).is_err());
     }
 }

@@ -5,7 +5,8 @@
 
 use fleet_agent::config::{self, Table, DEFAULT_CONFIG_PATH};
 
-const USAGE: &str = "usage: fleet-agent [--config PATH] [--user-data-file PATH] [--set key=value]... [--version]";
+const USAGE: &str =
+    "usage: fleet-agent [--config PATH] [--user-data-file PATH] [--set key=value]... [--version]";
 
 struct Args {
     config: Option<String>,
@@ -14,10 +15,17 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { config: None, user_data: None, sets: vec![] };
+    let mut a = Args {
+        config: None,
+        user_data: None,
+        sets: vec![],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value; {USAGE}"));
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
+        };
         match arg.as_str() {
             "--version" | "-V" => {
                 println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
@@ -52,7 +60,8 @@ fn load(args: &Args) -> Result<config::Config, String> {
         Err(_) => {}
     }
     if let Some(p) = &args.user_data {
-        let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read user-data {p}: {e}"))?;
+        let text =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read user-data {p}: {e}"))?;
         layers.push(config::parse_source("user-data", &text)?);
     }
     layers.push(config::env_source(&config::ProcessEnv));
@@ -68,7 +77,10 @@ fn main() {
             std::process::exit(64);
         }
     };
-    let node_id = cfg.node_id.clone().unwrap_or_else(fleet_agent::agent::default_node_id);
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(fleet_agent::agent::default_node_id);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

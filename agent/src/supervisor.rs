@@ -158,7 +158,11 @@ async fn run_slot(
             s.state = WorkerState::Backoff;
             s.last_exit = Some(exit_line.clone());
         });
-        let _ = exits.send(Exit { generation, index, status: exit_line });
+        let _ = exits.send(Exit {
+            generation,
+            index,
+            status: exit_line,
+        });
         if started.elapsed() >= timing.stable {
             backoff = BACKOFF_INITIAL;
         }
@@ -172,7 +176,12 @@ async fn run_slot(
 }
 
 impl WorkerSet {
-    pub fn start(generation: u64, cmds: Vec<WorkerCmd>, timing: Timing, exits: mpsc::UnboundedSender<Exit>) -> WorkerSet {
+    pub fn start(
+        generation: u64,
+        cmds: Vec<WorkerCmd>,
+        timing: Timing,
+        exits: mpsc::UnboundedSender<Exit>,
+    ) -> WorkerSet {
         let slots = cmds
             .into_iter()
             .enumerate()
@@ -184,8 +193,20 @@ impl WorkerSet {
                     last_exit: None,
                 }));
                 let (tx, rx) = oneshot::channel();
-                let task = tokio::spawn(run_slot(generation, i as u32, cmd, timing, status.clone(), rx, exits.clone()));
-                Slot { status, stop: Some(tx), task }
+                let task = tokio::spawn(run_slot(
+                    generation,
+                    i as u32,
+                    cmd,
+                    timing,
+                    status.clone(),
+                    rx,
+                    exits.clone(),
+                ));
+                Slot {
+                    status,
+                    stop: Some(tx),
+                    task,
+                }
             })
             .collect();
         WorkerSet { generation, slots }
@@ -210,7 +231,10 @@ impl WorkerSet {
 
     /// Workers with a live process right now.
     pub fn alive(&self) -> usize {
-        self.slots.iter().filter(|s| s.status.lock().unwrap().pid.is_some()).count()
+        self.slots
+            .iter()
+            .filter(|s| s.status.lock().unwrap().pid.is_some())
+            .count()
     }
 
     /// Stops every worker (SIGTERM, grace, SIGKILL) and waits until all are gone.
@@ -249,7 +273,11 @@ mod tests {
     /// Alive and not a zombie: an orphaned grandchild is reaped by init, maybe not at once.
     fn alive(pid: u32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat.rsplit(')').next().map(|r| r.trim_start().chars().next() != Some('Z')).unwrap_or(false),
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .map(|r| !r.trim_start().starts_with('Z'))
+                .unwrap_or(false),
             Err(_) => false,
         }
     }
@@ -260,7 +288,10 @@ mod tests {
         let set = WorkerSet::start(7, vec![sh("exit 0"), sh("exit 3")], timing(), tx);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..6 {
-            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(e.generation, 7);
             seen.insert((e.index, e.status));
         }
@@ -276,7 +307,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("grandchild");
         // The worker ignores SIGTERM and has a grandchild that does too.
-        let script = format!("trap '' TERM; sh -c 'trap \"\" TERM; echo $$ > {}; sleep 60' & sleep 60", pidfile.display());
+        let script = format!(
+            "trap '' TERM; sh -c 'trap \"\" TERM; echo $$ > {}; sleep 60' & sleep 60",
+            pidfile.display()
+        );
         let set = WorkerSet::start(1, vec![sh(&script)], timing(), tx);
         let mut grandchild = None;
         for _ in 0..100 {
@@ -293,7 +327,10 @@ mod tests {
         assert!(alive(leader) && alive(grandchild));
         let t = Instant::now();
         set.stop().await;
-        assert!(t.elapsed() >= Duration::from_millis(300), "SIGKILL came before the grace period");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "SIGKILL came before the grace period"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!alive(leader), "leader survived");
         assert!(!alive(grandchild), "grandchild survived");

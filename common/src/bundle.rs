@@ -92,7 +92,9 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Whether a bundle id looks like a sha256 (64 lower-case hex digits). Routes and unpack
 /// directories are named by it, so nothing else may pass.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Files the packer leaves out: editor droppings, VCS and tool directories (anything starting
@@ -112,8 +114,17 @@ struct Entry {
     kind: Kind,
 }
 
-fn collect(root: &Path, rel: &str, out: &mut Vec<Entry>, limits: &Limits) -> Result<(), BundleError> {
-    let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+fn collect(
+    root: &Path,
+    rel: &str,
+    out: &mut Vec<Entry>,
+    limits: &Limits,
+) -> Result<(), BundleError> {
+    let dir = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
     for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
         let item = item.map_err(io_err(&dir))?;
         let name = item.file_name();
@@ -126,7 +137,11 @@ fn collect(root: &Path, rel: &str, out: &mut Vec<Entry>, limits: &Limits) -> Res
         if is_ignored(name) {
             continue;
         }
-        let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        let child_rel = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
         let meta = fs::symlink_metadata(item.path()).map_err(io_err(item.path()))?;
         let ft = meta.file_type();
         if ft.is_symlink() {
@@ -136,12 +151,20 @@ fn collect(root: &Path, rel: &str, out: &mut Vec<Entry>, limits: &Limits) -> Res
             return Err(BundleError::TooManyEntries(limits.max_entries));
         }
         if ft.is_dir() {
-            out.push(Entry { rel: child_rel.clone(), abs: item.path(), kind: Kind::Dir });
+            out.push(Entry {
+                rel: child_rel.clone(),
+                abs: item.path(),
+                kind: Kind::Dir,
+            });
             collect(root, &child_rel, out, limits)?;
         } else if ft.is_file() {
             use std::os::unix::fs::PermissionsExt;
             let exec = meta.permissions().mode() & 0o111 != 0;
-            out.push(Entry { rel: child_rel, abs: item.path(), kind: Kind::File { exec } });
+            out.push(Entry {
+                rel: child_rel,
+                abs: item.path(),
+                kind: Kind::File { exec },
+            });
         } else {
             return Err(BundleError::Special(child_rel));
         }
@@ -154,11 +177,16 @@ pub fn pack_dir(dir: &Path, entry_point: &str, limits: &Limits) -> Result<Packed
     let mut entries = Vec::new();
     collect(dir, "", &mut entries, limits)?;
     entries.sort_by(|a, b| a.rel.as_bytes().cmp(b.rel.as_bytes()));
-    if !entries.iter().any(|e| e.rel == entry_point && matches!(e.kind, Kind::File { .. })) {
+    if !entries
+        .iter()
+        .any(|e| e.rel == entry_point && matches!(e.kind, Kind::File { .. }))
+    {
         return Err(BundleError::MissingEntryPoint(entry_point.to_string()));
     }
 
-    let gz = GzBuilder::new().mtime(0).write(Vec::new(), Compression::new(6));
+    let gz = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::new(6));
     let mut tar = tar::Builder::new(gz);
     let mut total: u64 = 0;
     for e in &entries {
@@ -178,19 +206,26 @@ pub fn pack_dir(dir: &Path, entry_point: &str, limits: &Limits) -> Result<Packed
                 let data = fs::read(&e.abs).map_err(io_err(&e.abs))?;
                 total += data.len() as u64;
                 if total > limits.max_unpacked {
-                    return Err(BundleError::TooLarge { what: "unpacked size", limit: limits.max_unpacked });
+                    return Err(BundleError::TooLarge {
+                        what: "unpacked size",
+                        limit: limits.max_unpacked,
+                    });
                 }
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(if exec { 0o755 } else { 0o644 });
                 h.set_size(data.len() as u64);
-                tar.append_data(&mut h, &e.rel, data.as_slice()).map_err(io_err(&e.abs))?;
+                tar.append_data(&mut h, &e.rel, data.as_slice())
+                    .map_err(io_err(&e.abs))?;
             }
         }
     }
     let gz = tar.into_inner().map_err(io_err(dir))?;
     let bytes = gz.finish().map_err(io_err(dir))?;
     if bytes.len() as u64 > limits.max_packed {
-        return Err(BundleError::TooLarge { what: "packed size", limit: limits.max_packed });
+        return Err(BundleError::TooLarge {
+            what: "packed size",
+            limit: limits.max_packed,
+        });
     }
     let sha256 = sha256_hex(&bytes);
     Ok(Packed { bytes, sha256 })
@@ -227,13 +262,18 @@ pub struct Unpacked {
 /// only once every entry has passed.
 pub fn unpack(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, BundleError> {
     if bytes.len() as u64 > limits.max_packed {
-        return Err(BundleError::TooLarge { what: "packed size", limit: limits.max_packed });
+        return Err(BundleError::TooLarge {
+            what: "packed size",
+            limit: limits.max_packed,
+        });
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_err(parent))?;
     let tmp = parent.join(format!(
         ".unpack-{}-{}",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("bundle"),
+        dest.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("bundle"),
         std::process::id()
     ));
     if tmp.exists() {
@@ -272,7 +312,11 @@ fn unpack_into(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, B
                 return Err(BundleError::Special(shown))
             }
             tar::EntryType::Regular | tar::EntryType::Directory => {}
-            other => return Err(BundleError::Special(format!("{shown} (tar type {other:?})"))),
+            other => {
+                return Err(BundleError::Special(format!(
+                    "{shown} (tar type {other:?})"
+                )))
+            }
         }
         let rel = safe_relative(&raw)?;
         if !seen.insert(rel.clone()) {
@@ -286,7 +330,10 @@ fn unpack_into(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, B
         }
         let declared = entry.header().size().map_err(corrupt)?;
         if stats.bytes + declared > limits.max_unpacked {
-            return Err(BundleError::TooLarge { what: "unpacked size", limit: limits.max_unpacked });
+            return Err(BundleError::TooLarge {
+                what: "unpacked size",
+                limit: limits.max_unpacked,
+            });
         }
         if let Some(p) = target.parent() {
             fs::create_dir_all(p).map_err(io_err(p))?;
@@ -333,7 +380,11 @@ mod tests {
         fs::write(b.path().join("lib/helpers.py"), "X = 1\n").unwrap();
         fs::write(b.path().join("locustfile.py"), "from locust import User\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(b.path().join("lib/helpers.py"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(
+            b.path().join("lib/helpers.py"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         // Ignored droppings must not change the bytes either.
         fs::create_dir_all(b.path().join("__pycache__")).unwrap();
         fs::write(b.path().join("__pycache__/x.pyc"), "junk").unwrap();
@@ -364,7 +415,10 @@ mod tests {
         let dest = out.path().join("b");
         let stats = unpack(&p.bytes, &dest, &Limits::default()).unwrap();
         assert_eq!(stats.files, 4);
-        assert_eq!(fs::read_to_string(dest.join("lib/data/users.csv")).unwrap(), "a,b\n1,2\n");
+        assert_eq!(
+            fs::read_to_string(dest.join("lib/data/users.csv")).unwrap(),
+            "a,b\n1,2\n"
+        );
         let mode = |p: &str| fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("run.sh"), 0o755);
         assert_eq!(mode("locustfile.py"), 0o644);
@@ -389,7 +443,9 @@ mod tests {
 
     /// Builds a gzipped tar by hand, writing raw names so that hostile paths get through.
     pub(crate) fn hostile(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
-        let gz = GzBuilder::new().mtime(0).write(Vec::new(), Compression::fast());
+        let gz = GzBuilder::new()
+            .mtime(0)
+            .write(Vec::new(), Compression::fast());
         let mut b = tar::Builder::new(gz);
         for (name, ty, data) in entries {
             let mut h = tar::Header::new_old();
@@ -412,19 +468,36 @@ mod tests {
     #[test]
     fn unpack_refuses_hostile_entries_and_leaves_nothing_behind() {
         use tar::EntryType as T;
-        let cases: Vec<(Vec<u8>, fn(&BundleError) -> bool)> = vec![
-            (hostile(&[("/etc/evil", T::Regular, b"x")]), |e| matches!(e, BundleError::Absolute(_))),
-            (hostile(&[("a/../../evil", T::Regular, b"x")]), |e| matches!(e, BundleError::Escapes(_))),
-            (hostile(&[("link", T::Symlink, b"")]), |e| matches!(e, BundleError::Link(_))),
-            (hostile(&[("hard", T::Link, b"")]), |e| matches!(e, BundleError::Link(_))),
-            (hostile(&[("dev", T::Char, b"")]), |e| matches!(e, BundleError::Special(_))),
-            (hostile(&[("blk", T::Block, b"")]), |e| matches!(e, BundleError::Special(_))),
-            (hostile(&[("fifo", T::Fifo, b"")]), |e| matches!(e, BundleError::Special(_))),
+        type Case = (Vec<u8>, fn(&BundleError) -> bool);
+        let cases: Vec<Case> = vec![
+            (hostile(&[("/etc/evil", T::Regular, b"x")]), |e| {
+                matches!(e, BundleError::Absolute(_))
+            }),
+            (hostile(&[("a/../../evil", T::Regular, b"x")]), |e| {
+                matches!(e, BundleError::Escapes(_))
+            }),
+            (hostile(&[("link", T::Symlink, b"")]), |e| {
+                matches!(e, BundleError::Link(_))
+            }),
+            (hostile(&[("hard", T::Link, b"")]), |e| {
+                matches!(e, BundleError::Link(_))
+            }),
+            (hostile(&[("dev", T::Char, b"")]), |e| {
+                matches!(e, BundleError::Special(_))
+            }),
+            (hostile(&[("blk", T::Block, b"")]), |e| {
+                matches!(e, BundleError::Special(_))
+            }),
+            (hostile(&[("fifo", T::Fifo, b"")]), |e| {
+                matches!(e, BundleError::Special(_))
+            }),
             (
                 hostile(&[("ok.py", T::Regular, b"x"), ("ok.py", T::Regular, b"y")]),
                 |e| matches!(e, BundleError::Duplicate(_)),
             ),
-            (b"not a tarball at all".to_vec(), |e| matches!(e, BundleError::Corrupt(_))),
+            (b"not a tarball at all".to_vec(), |e| {
+                matches!(e, BundleError::Corrupt(_))
+            }),
         ];
         for (i, (bytes, is_expected)) in cases.into_iter().enumerate() {
             let out = tempfile::tempdir().unwrap();
@@ -432,7 +505,11 @@ mod tests {
             let err = unpack(&bytes, &dest, &Limits::default()).unwrap_err();
             assert!(is_expected(&err), "case {i}: unexpected {err}");
             assert!(!dest.exists(), "case {i}: destination was created");
-            assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0, "case {i}: debris left");
+            assert_eq!(
+                fs::read_dir(out.path()).unwrap().count(),
+                0,
+                "case {i}: debris left"
+            );
         }
     }
 
@@ -442,17 +519,32 @@ mod tests {
         let big = vec![b'a'; 10_000];
         let bytes = hostile(&[("big.csv", T::Regular, &big)]);
         let out = tempfile::tempdir().unwrap();
-        let small = Limits { max_unpacked: 9_999, ..Limits::default() };
+        let small = Limits {
+            max_unpacked: 9_999,
+            ..Limits::default()
+        };
         assert!(matches!(
             unpack(&bytes, &out.path().join("b"), &small),
-            Err(BundleError::TooLarge { what: "unpacked size", .. })
+            Err(BundleError::TooLarge {
+                what: "unpacked size",
+                ..
+            })
         ));
-        let tiny = Limits { max_packed: 10, ..Limits::default() };
+        let tiny = Limits {
+            max_packed: 10,
+            ..Limits::default()
+        };
         assert!(matches!(
             unpack(&bytes, &out.path().join("c"), &tiny),
-            Err(BundleError::TooLarge { what: "packed size", .. })
+            Err(BundleError::TooLarge {
+                what: "packed size",
+                ..
+            })
         ));
-        let few = Limits { max_entries: 1, ..Limits::default() };
+        let few = Limits {
+            max_entries: 1,
+            ..Limits::default()
+        };
         let two = hostile(&[("a", T::Regular, b"1"), ("b", T::Regular, b"2")]);
         assert!(matches!(
             unpack(&two, &out.path().join("d"), &few),

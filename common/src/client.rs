@@ -23,9 +23,15 @@ pub enum ClientError {
     #[error("fleet CA: {0}")]
     BadCa(String),
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS handshake with {addr} failed: {source}")]
-    Tls { addr: String, source: std::io::Error },
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP error talking to {addr}: {source}")]
     Http { addr: String, source: hyper::Error },
     #[error("response body from {addr} exceeds {limit} bytes or broke off")]
@@ -37,7 +43,10 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the controller could not be reached at all (as opposed to a bad answer).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Timeout { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Timeout { .. }
+        )
     }
 }
 
@@ -99,7 +108,9 @@ pub fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, ClientError
         return Err(ClientError::BadCa("no PEM certificate found".into()));
     }
     for c in certs {
-        roots.add(c).map_err(|e| ClientError::BadCa(e.to_string()))?;
+        roots
+            .add(c)
+            .map_err(|e| ClientError::BadCa(e.to_string()))?;
     }
     // The provider is chosen explicitly rather than through a process-wide default: both
     // binaries link only ring, and an explicit provider cannot be changed under us by a
@@ -127,7 +138,8 @@ impl Client {
         .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
         let auth = match auth {
             Some(a) => Some(
-                HeaderValue::from_str(a).map_err(|_| ClientError::BadUrl("bad credential characters".into()))?,
+                HeaderValue::from_str(a)
+                    .map_err(|_| ClientError::BadUrl("bad credential characters".into()))?,
             ),
             None => None,
         };
@@ -145,13 +157,30 @@ impl Client {
         format!("{}:{}", self.host, self.port)
     }
 
-    pub async fn get(&self, path: &str, timeout: Duration, max_body: usize) -> Result<Response, ClientError> {
-        self.request(Method::GET, path, None, timeout, max_body).await
+    pub async fn get(
+        &self,
+        path: &str,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Response, ClientError> {
+        self.request(Method::GET, path, None, timeout, max_body)
+            .await
     }
 
-    pub async fn post_json(&self, path: &str, body: Vec<u8>, timeout: Duration) -> Result<Response, ClientError> {
-        self.request(Method::POST, path, Some(("application/json", body)), timeout, 1 << 20)
-            .await
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.request(
+            Method::POST,
+            path,
+            Some(("application/json", body)),
+            timeout,
+            1 << 20,
+        )
+        .await
     }
 
     pub async fn request(
@@ -163,9 +192,13 @@ impl Client {
         max_body: usize,
     ) -> Result<Response, ClientError> {
         let addr = self.addr();
-        match tokio::time::timeout(timeout, self.request_inner(method, path, body, max_body)).await {
+        match tokio::time::timeout(timeout, self.request_inner(method, path, body, max_body)).await
+        {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout { addr, after: timeout }),
+            Err(_) => Err(ClientError::Timeout {
+                addr,
+                after: timeout,
+            }),
         }
     }
 
@@ -179,20 +212,32 @@ impl Client {
         let addr = self.addr();
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let tls = self
             .tls
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|source| ClientError::Tls { addr: addr.clone(), source })?;
+            .map_err(|source| ClientError::Tls {
+                addr: addr.clone(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|source| ClientError::Http { addr: addr.clone(), source })?;
+            .map_err(|source| ClientError::Http {
+                addr: addr.clone(),
+                source,
+            })?;
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut req = Request::builder().method(method).uri(path).header(HOST, self.host_header.clone());
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.host_header.clone());
         if let Some(a) = &self.auth {
             req = req.header(AUTHORIZATION, a.clone());
         }
@@ -209,15 +254,25 @@ impl Client {
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|source| ClientError::Http { addr: addr.clone(), source })?;
+            .map_err(|source| ClientError::Http {
+                addr: addr.clone(),
+                source,
+            })?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, max_body)
             .collect()
             .await
-            .map_err(|_| ClientError::Body { addr: addr.clone(), limit: max_body })?
+            .map_err(|_| ClientError::Body {
+                addr: addr.clone(),
+                limit: max_body,
+            })?
             .to_bytes();
         driver.abort();
-        Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body })
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
     }
 }
 
@@ -227,9 +282,18 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(parse_base_url("https://127.0.0.1:8443").unwrap(), ("127.0.0.1".into(), 8443));
-        assert_eq!(parse_base_url("https://ctl.example/").unwrap(), ("ctl.example".into(), 443));
-        assert_eq!(parse_base_url("https://[::1]:9").unwrap(), ("::1".into(), 9));
+        assert_eq!(
+            parse_base_url("https://127.0.0.1:8443").unwrap(),
+            ("127.0.0.1".into(), 8443)
+        );
+        assert_eq!(
+            parse_base_url("https://ctl.example/").unwrap(),
+            ("ctl.example".into(), 443)
+        );
+        assert_eq!(
+            parse_base_url("https://[::1]:9").unwrap(),
+            ("::1".into(), 9)
+        );
         assert!(parse_base_url("http://x:1").is_err());
         assert!(parse_base_url("https://x:1/path").is_err());
         assert!(parse_base_url("https://x:notaport").is_err());

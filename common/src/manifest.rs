@@ -100,7 +100,10 @@ impl SigningKey {
         let rng = ring::rand::SystemRandom::new();
         let doc = Ed25519KeyPair::generate_pkcs8(&rng).expect("system RNG failed");
         let pkcs8 = doc.as_ref().to_vec();
-        (SigningKey::from_pkcs8(&pkcs8).expect("fresh key parses"), pkcs8)
+        (
+            SigningKey::from_pkcs8(&pkcs8).expect("fresh key parses"),
+            pkcs8,
+        )
     }
 
     pub fn from_pkcs8(der: &[u8]) -> Result<SigningKey, ManifestError> {
@@ -158,7 +161,9 @@ impl VerifyKey {
         }
         let lf = std::path::Path::new(&m.locustfile);
         if m.locustfile.is_empty()
-            || !lf.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+            || !lf
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
         {
             return Err(ManifestError::BadLocustfile(m.locustfile));
         }
@@ -190,7 +195,10 @@ impl Signed {
 /// The agent's acceptance rule for a verified manifest, given the sequence it runs.
 pub fn check_sequence(m: &Manifest, running: Option<u64>) -> Result<(), ManifestError> {
     match running {
-        Some(r) if m.sequence < r => Err(ManifestError::Rollback { got: m.sequence, running: r }),
+        Some(r) if m.sequence < r => Err(ManifestError::Rollback {
+            got: m.sequence,
+            running: r,
+        }),
         _ => Ok(()),
     }
 }
@@ -198,11 +206,17 @@ pub fn check_sequence(m: &Manifest, running: Option<u64>) -> Result<(), Manifest
 /// Checks downloaded bundle bytes against the manifest.
 pub fn check_bundle(m: &Manifest, bytes: &[u8]) -> Result<(), ManifestError> {
     if bytes.len() as u64 != m.bundle.size {
-        return Err(ManifestError::SizeMismatch { want: m.bundle.size, got: bytes.len() as u64 });
+        return Err(ManifestError::SizeMismatch {
+            want: m.bundle.size,
+            got: bytes.len() as u64,
+        });
     }
     let got = crate::bundle::sha256_hex(bytes);
     if got != m.bundle.sha256 {
-        return Err(ManifestError::ShaMismatch { want: m.bundle.sha256.clone(), got });
+        return Err(ManifestError::ShaMismatch {
+            want: m.bundle.sha256.clone(),
+            got,
+        });
     }
     Ok(())
 }
@@ -216,9 +230,15 @@ mod tests {
             format: FORMAT,
             fleet: "t".into(),
             sequence: seq,
-            bundle: BundleRef { sha256: crate::bundle::sha256_hex(bundle), size: bundle.len() as u64 },
+            bundle: BundleRef {
+                sha256: crate::bundle::sha256_hex(bundle),
+                size: bundle.len() as u64,
+            },
             locustfile: "locustfile.py".into(),
-            master: MasterAddr { host: "127.0.0.1".into(), port: 5557 },
+            master: MasterAddr {
+                host: "127.0.0.1".into(),
+                port: 5557,
+            },
             master_epoch: 1,
             worker_args: vec![],
             created: "2026-11-24T00:00:00Z".into(),
@@ -237,17 +257,26 @@ mod tests {
         let mut tampered = s.bytes.clone();
         let i = tampered.iter().position(|b| *b == b'3').unwrap();
         tampered[i] = b'9';
-        assert_eq!(vk.verify(&tampered, &s.signature), Err(ManifestError::BadSignature));
+        assert_eq!(
+            vk.verify(&tampered, &s.signature),
+            Err(ManifestError::BadSignature)
+        );
 
         let (other, _) = SigningKey::generate();
         assert_eq!(
             other.verify_key().verify(&s.bytes, &s.signature),
             Err(ManifestError::BadSignature)
         );
-        assert_eq!(vk.verify_b64(&s.bytes, "%%%"), Err(ManifestError::SignatureEncoding));
+        assert_eq!(
+            vk.verify_b64(&s.bytes, "%%%"),
+            Err(ManifestError::SignatureEncoding)
+        );
         // The key survives a round trip through its PKCS#8 document and base64 form.
         let again = SigningKey::from_pkcs8(&pkcs8).unwrap();
-        assert_eq!(again.verify_key(), VerifyKey::from_base64(&vk.to_base64()).unwrap());
+        assert_eq!(
+            again.verify_key(),
+            VerifyKey::from_base64(&vk.to_base64()).unwrap()
+        );
     }
 
     #[test]
@@ -257,15 +286,24 @@ mod tests {
         let mut m = sample(1, b"x");
         m.locustfile = "../../etc/passwd".into();
         let s = key.sign(&m);
-        assert!(matches!(vk.verify(&s.bytes, &s.signature), Err(ManifestError::BadLocustfile(_))));
+        assert!(matches!(
+            vk.verify(&s.bytes, &s.signature),
+            Err(ManifestError::BadLocustfile(_))
+        ));
         let mut m = sample(1, b"x");
         m.bundle.sha256 = "../x".into();
         let s = key.sign(&m);
-        assert!(matches!(vk.verify(&s.bytes, &s.signature), Err(ManifestError::BadBundleId(_))));
+        assert!(matches!(
+            vk.verify(&s.bytes, &s.signature),
+            Err(ManifestError::BadBundleId(_))
+        ));
         let mut m = sample(1, b"x");
         m.format = 99;
         let s = key.sign(&m);
-        assert_eq!(vk.verify(&s.bytes, &s.signature), Err(ManifestError::Format(99)));
+        assert_eq!(
+            vk.verify(&s.bytes, &s.signature),
+            Err(ManifestError::Format(99))
+        );
     }
 
     #[test]
@@ -273,9 +311,18 @@ mod tests {
         let m = sample(5, b"abc");
         assert!(check_sequence(&m, None).is_ok());
         assert!(check_sequence(&m, Some(5)).is_ok());
-        assert_eq!(check_sequence(&m, Some(6)), Err(ManifestError::Rollback { got: 5, running: 6 }));
+        assert_eq!(
+            check_sequence(&m, Some(6)),
+            Err(ManifestError::Rollback { got: 5, running: 6 })
+        );
         assert!(check_bundle(&m, b"abc").is_ok());
-        assert!(matches!(check_bundle(&m, b"abd"), Err(ManifestError::ShaMismatch { .. })));
-        assert!(matches!(check_bundle(&m, b"abcd"), Err(ManifestError::SizeMismatch { .. })));
+        assert!(matches!(
+            check_bundle(&m, b"abd"),
+            Err(ManifestError::ShaMismatch { .. })
+        ));
+        assert!(matches!(
+            check_bundle(&m, b"abcd"),
+            Err(ManifestError::SizeMismatch { .. })
+        ));
     }
 }

@@ -7,7 +7,9 @@ use sha2::{Digest, Sha256};
 /// A fresh random secret of `bytes` bytes, URL-safe base64 without padding.
 pub fn random_token(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    SystemRandom::new().fill(&mut buf).expect("system RNG failed");
+    SystemRandom::new()
+        .fill(&mut buf)
+        .expect("system RNG failed");
     B64URL.encode(buf)
 }
 

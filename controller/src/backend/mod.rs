@@ -1,0 +1,133 @@
+//! Where nodes come from. `fleet scale`, `fleet down` and `fleet status` run the same code on
+//! every backend; a backend only observes, launches and terminates the fleet's own nodes.
+
+pub mod local;
+
+use std::future::Future;
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// A node as its backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// The node id its agent reports in heartbeats.
+    pub id: String,
+    /// `running`, `pending`, `dead`, ...
+    pub state: String,
+    /// Whether it counts toward the desired number (dead and terminating nodes do not).
+    pub live: bool,
+    /// Where it runs: an AZ, or `localhost`.
+    pub place: String,
+    /// Unix seconds.
+    pub launched: u64,
+}
+
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// The fleet's nodes, live or not.
+    fn observe(&self) -> impl Future<Output = Result<Vec<NodeInfo>>> + Send;
+    /// Launches up to `count` nodes; returns those launched.
+    fn launch(&self, count: usize) -> impl Future<Output = Result<Vec<NodeInfo>>> + Send;
+    /// Terminates these nodes (and forgets dead ones).
+    fn terminate(&self, ids: &[String]) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What to do next to get from `observed` to `desired` live nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub launch: usize,
+    pub terminate: Vec<String>,
+    /// Dead nodes to clean up (they do not count toward the desired number).
+    pub cleanup: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.launch == 0 && self.terminate.is_empty() && self.cleanup.is_empty()
+    }
+}
+
+/// The scaling decision, a pure function: launch the shortfall, or terminate the surplus
+/// newest first (the oldest have proven themselves), and always clean up the dead.
+pub fn plan(desired: usize, observed: &[NodeInfo]) -> Plan {
+    let cleanup: Vec<String> = observed
+        .iter()
+        .filter(|n| !n.live)
+        .map(|n| n.id.clone())
+        .collect();
+    let mut live: Vec<&NodeInfo> = observed.iter().filter(|n| n.live).collect();
+    if live.len() <= desired {
+        return Plan {
+            launch: desired - live.len(),
+            terminate: vec![],
+            cleanup,
+        };
+    }
+    live.sort_by(|a, b| b.launched.cmp(&a.launched).then_with(|| b.id.cmp(&a.id)));
+    let surplus = live.len() - desired;
+    Plan {
+        launch: 0,
+        terminate: live.iter().take(surplus).map(|n| n.id.clone()).collect(),
+        cleanup,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, live: bool, launched: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            state: if live { "running" } else { "dead" }.into(),
+            live,
+            place: "x".into(),
+            launched,
+        }
+    }
+
+    #[test]
+    fn plans_converge_from_any_state() {
+        assert_eq!(
+            plan(3, &[]),
+            Plan {
+                launch: 3,
+                ..Default::default()
+            }
+        );
+        let obs = vec![
+            node("a", true, 1),
+            node("b", true, 2),
+            node("c", false, 3),
+            node("d", true, 4),
+        ];
+        // Up: the dead one does not count and is cleaned up.
+        assert_eq!(
+            plan(5, &obs),
+            Plan {
+                launch: 2,
+                terminate: vec![],
+                cleanup: vec!["c".into()]
+            }
+        );
+        // Down: newest live first.
+        assert_eq!(
+            plan(1, &obs),
+            Plan {
+                launch: 0,
+                terminate: vec!["d".into(), "b".into()],
+                cleanup: vec!["c".into()]
+            }
+        );
+        assert_eq!(plan(0, &obs).terminate.len(), 3);
+        // Converged: nothing but cleanup.
+        let p = plan(3, &obs);
+        assert_eq!((p.launch, p.terminate.len()), (0, 0));
+        assert!(plan(
+            3,
+            &[node("a", true, 1), node("b", true, 1), node("c", true, 1)]
+        )
+        .is_empty());
+    }
+}

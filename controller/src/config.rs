@@ -1,0 +1,280 @@
+//! `fleet.toml` and the layout of a fleet directory.
+//!
+//! A fleet directory holds everything one fleet needs (docs/security.md lists what is secret):
+//! ```text
+//! fleet.toml
+//! spec/                      the Locust spec the controller publishes
+//! certs/ca.pem ca.key        the fleet CA (key 0600)
+//! certs/server.pem server.key
+//! secrets/signing.pk8        Ed25519 bundle-signing key (0600)
+//! secrets/agent.token        agents' bearer token (0600)
+//! secrets/operator.token     the CLI's bearer token, human rights (0600)
+//! secrets/ui.hash            PBKDF2 hash of the web UI password (0600)
+//! verify.key                 the public half of signing.pk8, base64 (not secret)
+//! state/                     the controller's published history and master state
+//! local/                     nodes of the `local` backend
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "fleet.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The fleet's name: the `fleet` tag on every instance, and the manifest's `fleet` field.
+    pub name: String,
+    pub controller: ControllerConfig,
+    #[serde(default)]
+    pub master: MasterConfig,
+    #[serde(default)]
+    pub agents: AgentsConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Address `fleet serve` binds (HTTPS only).
+    pub listen: SocketAddr,
+    /// The URL agents and the CLI use; its host must be in the server certificate.
+    pub url: String,
+    /// Names and addresses the server certificate is issued for.
+    pub cert_names: Vec<String>,
+    #[serde(default = "default_spec_dir")]
+    pub spec_dir: PathBuf,
+    #[serde(default = "default_locustfile")]
+    pub locustfile: String,
+    /// Quiet time after the last change in the spec directory before a bundle is published.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// Published versions kept (bundles on disk and in memory).
+    #[serde(default = "default_history")]
+    pub history: usize,
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterConfig {
+    /// Run and supervise the Locust master; `false` points agents at an external one.
+    #[serde(default = "yes")]
+    pub managed: bool,
+    /// The `locust` executable for the managed master.
+    #[serde(default = "default_locust")]
+    pub locust: String,
+    /// Where the master's ZMQ port binds. It is unencrypted: keep it inside the VPC.
+    #[serde(default = "default_bind_host")]
+    pub bind_host: String,
+    /// The address workers are told to connect to.
+    #[serde(default = "default_bind_host")]
+    pub host: String,
+    #[serde(default = "default_master_port")]
+    pub port: u16,
+    /// The master's web UI, reverse-proxied under `/locust/` (loopback for a managed master).
+    #[serde(default = "default_web_url")]
+    pub web_url: String,
+    /// Extra arguments for the managed master.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Extra arguments for every worker (in the signed manifest).
+    #[serde(default)]
+    pub worker_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The agent binary; empty means `fleet-agent` next to the `fleet` binary, then `$PATH`.
+    #[serde(default)]
+    pub agent_bin: String,
+    /// Workers per local agent (0: one per CPU).
+    #[serde(default = "one")]
+    pub workers: u32,
+    /// The `locust` the local agents run.
+    #[serde(default = "default_locust")]
+    pub locust: String,
+    /// Replaces the worker command line (stub workers for benchmarks).
+    #[serde(default)]
+    pub worker_command: Option<Vec<String>>,
+    /// Extra `key = value` agent settings, written into each local agent's config.
+    #[serde(default)]
+    pub agent_settings: toml::Table,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn default_spec_dir() -> PathBuf {
+    PathBuf::from("spec")
+}
+fn default_locustfile() -> String {
+    "locustfile.py".into()
+}
+fn default_debounce_ms() -> u64 {
+    150
+}
+fn default_history() -> usize {
+    20
+}
+fn default_max_bundle() -> u64 {
+    fleet_common::bundle::Limits::default().max_packed
+}
+fn default_locust() -> String {
+    "locust".into()
+}
+fn default_bind_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_master_port() -> u16 {
+    5557
+}
+fn default_web_url() -> String {
+    "http://127.0.0.1:8089/locust".into()
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// A fleet directory and its parsed `fleet.toml`.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub config: FleetConfig,
+}
+
+impl Fleet {
+    pub fn load(dir: &Path) -> Result<Fleet> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}; run `fleet init` there first or pass --dir",
+                path.display()
+            )
+        })?;
+        let config: FleetConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                e.message().split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        })?;
+        if !config.controller.url.starts_with("https://") {
+            bail!(
+                "{}: controller.url must be https:// (fleet has no plaintext listener)",
+                path.display()
+            );
+        }
+        fleet_common::client::parse_base_url(&config.controller.url)
+            .map_err(|e| anyhow::anyhow!("{}: controller.url: {e}", path.display()))?;
+        // Absolute, so children started in other directories (agents, the master) find things.
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        Ok(Fleet { dir, config })
+    }
+
+    fn rel(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    pub fn spec_dir(&self) -> PathBuf {
+        self.rel(&self.config.controller.spec_dir)
+    }
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("certs/ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("certs/ca.key")
+    }
+    pub fn server_pem(&self) -> PathBuf {
+        self.dir.join("certs/server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("certs/server.key")
+    }
+    pub fn signing_key(&self) -> PathBuf {
+        self.dir.join("secrets/signing.pk8")
+    }
+    pub fn verify_key(&self) -> PathBuf {
+        self.dir.join("verify.key")
+    }
+    pub fn agent_token(&self) -> PathBuf {
+        self.dir.join("secrets/agent.token")
+    }
+    pub fn operator_token(&self) -> PathBuf {
+        self.dir.join("secrets/operator.token")
+    }
+    pub fn ui_hash(&self) -> PathBuf {
+        self.dir.join("secrets/ui.hash")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn local_dir(&self) -> PathBuf {
+        self.dir.join("local")
+    }
+
+    pub fn read(&self, p: &Path) -> Result<String> {
+        std::fs::read_to_string(p).with_context(|| {
+            format!(
+                "cannot read {}; is this a fleet directory made by `fleet init`?",
+                p.display()
+            )
+        })
+    }
+
+    /// An HTTPS client for the controller with the operator's credentials.
+    pub fn operator_client(&self) -> Result<fleet_common::client::Client> {
+        let ca = self.read(&self.ca_pem())?;
+        let token = self.read(&self.operator_token())?;
+        fleet_common::client::Client::new(
+            &self.config.controller.url,
+            &ca,
+            Some(&format!("Bearer {}", token.trim())),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_and_typos_are_refused() {
+        let t = "name = \"x\"\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n";
+        let c: FleetConfig = toml::from_str(t).unwrap();
+        assert_eq!(c.master.port, 5557);
+        assert!(c.master.managed);
+        assert_eq!(c.local.workers, 1);
+        let bad = format!("{t}[master]\nprot = 1\n");
+        assert!(toml::from_str::<FleetConfig>(&bad).is_err());
+    }
+}

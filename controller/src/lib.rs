@@ -1,0 +1,25 @@
+//! `fleet`: the operator's CLI and the controller. See `DESIGN.md`, "The two programs".
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod init;
+pub mod master;
+pub mod nodes;
+pub mod ops;
+pub mod proxy;
+pub mod publish;
+pub mod secrets;
+pub mod serve;
+pub mod server;
+pub mod target;
+
+/// One timestamped line on stderr: the controller's log.
+pub fn log(args: std::fmt::Arguments<'_>) {
+    eprintln!(
+        "{} fleet: {args}",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+}

@@ -1,0 +1,336 @@
+//! `fleet`: parse the command line, run one command, print one line on failure.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use fleet::backend::local::Local;
+use fleet::backend::Backend;
+use fleet::config::Fleet;
+use fleet::ops::{self, Output};
+use fleet_common::wire::{routes, SwarmRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "fleet",
+    version,
+    about = "Bootstrap and steer swarms of Locust load generators"
+)]
+struct Cli {
+    /// The fleet directory (made by `fleet init`).
+    #[arg(long, global = true, env = "FLEET_DIR", default_value = ".")]
+    dir: PathBuf,
+    /// Output format for scripts.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: OutputArg,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputArg {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Local,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make a fleet directory: fleet.toml, CA and server certificate, signing key, tokens, UI password.
+    Init {
+        #[arg(long, default_value = "fleet")]
+        name: String,
+        /// Address `fleet serve` listens on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// URL agents use to reach the controller (default: from --listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// Extra names or addresses for the server certificate.
+        #[arg(long = "cert-name")]
+        cert_names: Vec<String>,
+        /// The `locust` executable for the master and local agents.
+        #[arg(long, default_value = "locust")]
+        locust: String,
+        /// The host the sample locustfile targets.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        target: String,
+        /// Replace existing secrets.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a new web UI password (printed once; only its hash is stored).
+    Passwd,
+    /// Run the controller: HTTPS API, spec watcher, Locust master.
+    Serve,
+    /// Converge the fleet to N nodes, up or down.
+    Scale {
+        #[arg(long, allow_hyphen_values = true)]
+        nodes: i64,
+        #[arg(long, value_enum, default_value = "local")]
+        backend: BackendArg,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds to wait for the agents to check in.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Terminate every node the fleet owns.
+    Down {
+        #[arg(long, value_enum, default_value = "local")]
+        backend: BackendArg,
+    },
+    /// The fleet's nodes: what the backend says joined with what each agent reports.
+    Status {
+        #[arg(long, value_enum, default_value = "local")]
+        backend: BackendArg,
+    },
+    /// Start (or resize) the test through the controller.
+    Swarm {
+        #[arg(long)]
+        users: u64,
+        #[arg(long, default_value_t = 10.0)]
+        spawn_rate: f64,
+    },
+    /// Stop the running test.
+    Stop,
+    /// Run the sample HTTP target.
+    Target {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// The quick start: a local swarm (controller, Locust master, agents, sample target) in one command.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        #[arg(long, default_value_t = 10)]
+        users: u64,
+        #[arg(long, default_value_t = 5.0)]
+        spawn_rate: f64,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        target_listen: std::net::SocketAddr,
+        #[arg(long, default_value = "locust")]
+        locust: String,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
+}
+
+async fn post(fleet: &Fleet, path: &str, body: serde_json::Value) -> Result<()> {
+    let r = fleet
+        .operator_client()?
+        .post_json(path, serde_json::to_vec(&body)?, Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("controller unreachable ({e}); is `fleet serve` running?"))?;
+    if r.status != 200 {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        bail!(
+            "{}",
+            v.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("the controller refused the request")
+        );
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let output = match cli.output {
+        OutputArg::Text => Output::Text,
+        OutputArg::Json => Output::Json,
+    };
+    match cli.cmd {
+        Cmd::Init {
+            name,
+            listen,
+            url,
+            cert_names,
+            locust,
+            target,
+            force,
+        } => {
+            let r = fleet::init::init(
+                &cli.dir,
+                &fleet::init::InitOptions {
+                    name,
+                    listen,
+                    url,
+                    cert_names,
+                    locust,
+                    target,
+                    force,
+                },
+            )?;
+            if output == Output::Json {
+                print_json(
+                    &serde_json::json!({ "created": r.created, "kept": r.kept, "password": r.password }),
+                );
+            } else {
+                for c in &r.created {
+                    println!("created {c}");
+                }
+                if !r.kept.is_empty() {
+                    println!(
+                        "kept {} (use --force to replace secrets)",
+                        r.kept.join(", ")
+                    );
+                }
+                if let Some(p) = r.password {
+                    println!("web UI user: {}  password: {p}", fleet::auth::UI_USER);
+                    println!("the password is shown only now; `fleet passwd` makes a new one");
+                }
+            }
+        }
+        Cmd::Passwd => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let p = fleet::init::set_password(&fleet)?;
+            println!("web UI user: {}  password: {p}", fleet::auth::UI_USER);
+            println!("restart `fleet serve` to use it");
+        }
+        Cmd::Serve => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let c = fleet::serve::start(&fleet).await?;
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            fleet::log(format_args!("stopping"));
+            c.stop().await;
+        }
+        Cmd::Scale {
+            nodes,
+            backend: BackendArg::Local,
+            dry_run,
+            wait,
+        } => {
+            if nodes < 0 {
+                bail!("--nodes must be 0 or more (got {nodes})");
+            }
+            let fleet = Fleet::load(&cli.dir)?;
+            let local = Local::new(&fleet);
+            let r = ops::scale(
+                &fleet,
+                &local,
+                nodes as usize,
+                dry_run,
+                Duration::from_secs(wait),
+                output,
+            )
+            .await?;
+            if output == Output::Json {
+                print_json(&r);
+            } else if dry_run {
+                println!(
+                    "plan: launch {}, terminate {} ({}), clean up {} dead; {} live now",
+                    r.plan.launch,
+                    r.plan.terminate.len(),
+                    r.plan.terminate.join(", "),
+                    r.plan.cleanup.len(),
+                    r.live
+                );
+            } else {
+                println!(
+                    "{} nodes ({} launched, {} terminated), {} agents connected, {:.1} s",
+                    r.live,
+                    r.launched.len(),
+                    r.terminated.len(),
+                    r.connected,
+                    r.seconds
+                );
+            }
+        }
+        Cmd::Down {
+            backend: BackendArg::Local,
+        } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let local = Local::new(&fleet);
+            let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
+            local.terminate(&ids).await?;
+            if output == Output::Json {
+                print_json(&serde_json::json!({ "terminated": ids }));
+            } else {
+                println!("terminated {} nodes", ids.len());
+            }
+        }
+        Cmd::Status {
+            backend: BackendArg::Local,
+        } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let observed = Local::new(&fleet).observe().await?;
+            let views = ops::controller_nodes(&fleet).await?;
+            let rows = ops::join_status(&observed, &views);
+            if output == Output::Json {
+                print_json(&rows);
+            } else {
+                ops::print_status(&rows);
+            }
+        }
+        Cmd::Swarm { users, spawn_rate } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            post(
+                &fleet,
+                routes::API_SWARM,
+                serde_json::to_value(SwarmRequest { users, spawn_rate })?,
+            )
+            .await?;
+            println!("test started: {users} users at {spawn_rate}/s");
+        }
+        Cmd::Stop => {
+            let fleet = Fleet::load(&cli.dir)?;
+            post(&fleet, routes::API_STOP, serde_json::json!({})).await?;
+            println!("test stopped");
+        }
+        Cmd::Target { listen } => {
+            let (addr, task) = fleet::target::bind(listen).await?;
+            println!("sample target on http://{addr}");
+            let _ = task.await;
+        }
+        Cmd::Demo {
+            agents,
+            users,
+            spawn_rate,
+            listen,
+            target_listen,
+            locust,
+        } => {
+            fleet::demo::demo(
+                &cli.dir,
+                &fleet::demo::DemoOptions {
+                    agents,
+                    users,
+                    spawn_rate,
+                    target_listen,
+                    locust,
+                    listen,
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cli)) {
+        // One line: the error and its causes joined.
+        eprintln!("fleet: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,263 @@
+//! `fleet scale`, `fleet down` and `fleet status`: the same code for every backend.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use fleet_common::wire::{routes, NodeView};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::backend::{plan, Backend, NodeInfo, Plan};
+use crate::config::Fleet;
+
+/// A node silent for longer than this is flagged (agents send one every 5 s by default).
+pub const SILENT_AFTER_S: f64 = 15.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScaleReport {
+    pub backend: &'static str,
+    pub desired: usize,
+    pub plan: Plan,
+    pub launched: Vec<String>,
+    pub terminated: Vec<String>,
+    pub live: usize,
+    pub connected: usize,
+    pub dry_run: bool,
+    pub seconds: f64,
+}
+
+fn bar(len: u64, output: Output, msg: &str) -> ProgressBar {
+    if output == Output::Json {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg:28} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// The controller's view of the nodes (operator credentials).
+pub async fn controller_nodes(fleet: &Fleet) -> Result<Vec<NodeView>> {
+    let client = fleet.operator_client()?;
+    let r = client
+        .get(routes::API_NODES, Duration::from_secs(10), 64 << 20)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "controller {} unreachable ({e}); is `fleet serve` running?",
+                fleet.config.controller.url
+            )
+        })?;
+    if r.status != 200 {
+        bail!(
+            "controller answered HTTP {} to {}; check secrets/operator.token",
+            r.status,
+            routes::API_NODES
+        );
+    }
+    Ok(serde_json::from_slice(&r.body)?)
+}
+
+pub async fn scale<B: Backend>(
+    fleet: &Fleet,
+    backend: &B,
+    desired: usize,
+    dry_run: bool,
+    wait: Duration,
+    output: Output,
+) -> Result<ScaleReport> {
+    let t0 = Instant::now();
+    let observed = backend.observe().await?;
+    let p = plan(desired, &observed);
+    let mut report = ScaleReport {
+        backend: backend.name(),
+        desired,
+        plan: p.clone(),
+        launched: vec![],
+        terminated: vec![],
+        live: observed.iter().filter(|n| n.live).count(),
+        connected: 0,
+        dry_run,
+        seconds: 0.0,
+    };
+    if dry_run {
+        return Ok(report);
+    }
+    if !p.cleanup.is_empty() {
+        backend.terminate(&p.cleanup).await?;
+    }
+    if !p.terminate.is_empty() {
+        let pb = bar(p.terminate.len() as u64, output, "terminating");
+        backend.terminate(&p.terminate).await?;
+        pb.set_position(p.terminate.len() as u64);
+        pb.finish_and_clear();
+        report.terminated = p.terminate.clone();
+    }
+    if p.launch > 0 {
+        let pb = bar(p.launch as u64, output, "launching");
+        let launched = backend.launch(p.launch).await?;
+        pb.set_position(launched.len() as u64);
+        pb.finish_and_clear();
+        report.launched = launched.into_iter().map(|n| n.id).collect();
+    }
+    let live: Vec<NodeInfo> = backend
+        .observe()
+        .await?
+        .into_iter()
+        .filter(|n| n.live)
+        .collect();
+    report.live = live.len();
+    if live.len() != desired {
+        bail!(
+            "{} live nodes after scaling, {desired} wanted; see {}/<node>/agent.log",
+            live.len(),
+            fleet.local_dir().display()
+        );
+    }
+    report.connected = wait_connected(fleet, &live, wait, output).await?;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Waits until every live node's agent runs a bundle and heartbeats; returns how many do.
+async fn wait_connected(
+    fleet: &Fleet,
+    live: &[NodeInfo],
+    wait: Duration,
+    output: Output,
+) -> Result<usize> {
+    if live.is_empty() {
+        return Ok(0);
+    }
+    let pb = bar(live.len() as u64, output, "agents connected");
+    let deadline = Instant::now() + wait;
+    loop {
+        let views = controller_nodes(fleet).await?;
+        let by_id: HashMap<&str, &NodeView> = views
+            .iter()
+            .map(|v| (v.heartbeat.node_id.as_str(), v))
+            .collect();
+        let connected: Vec<&NodeInfo> = live
+            .iter()
+            .filter(|n| {
+                by_id.get(n.id.as_str()).is_some_and(|v| {
+                    v.heartbeat.running.is_some() && v.heartbeat_age_s < SILENT_AFTER_S
+                })
+            })
+            .collect();
+        pb.set_position(connected.len() as u64);
+        if connected.len() == live.len() {
+            pb.finish_and_clear();
+            return Ok(connected.len());
+        }
+        if Instant::now() >= deadline {
+            pb.finish_and_clear();
+            let missing: Vec<&str> = live
+                .iter()
+                .filter(|n| !connected.iter().any(|c| c.id == n.id))
+                .map(|n| n.id.as_str())
+                .collect();
+            bail!(
+                "{} of {} agents did not check in within {:?}: {}; see {}/<node>/agent.log",
+                missing.len(),
+                live.len(),
+                wait,
+                missing.join(", "),
+                fleet.local_dir().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusRow {
+    pub id: String,
+    pub state: String,
+    pub place: String,
+    pub running: Option<String>,
+    pub sequence: Option<u64>,
+    pub status: Option<String>,
+    pub workers: Vec<String>,
+    pub heartbeat_age_s: Option<f64>,
+    /// Running according to the backend, but no recent heartbeat.
+    pub silent: bool,
+}
+
+/// Joins what the backend says with what each agent reports.
+pub fn join_status(observed: &[NodeInfo], views: &[NodeView]) -> Vec<StatusRow> {
+    let by_id: HashMap<&str, &NodeView> = views
+        .iter()
+        .map(|v| (v.heartbeat.node_id.as_str(), v))
+        .collect();
+    observed
+        .iter()
+        .map(|n| {
+            let v = by_id.get(n.id.as_str());
+            let age = v.map(|v| v.heartbeat_age_s);
+            StatusRow {
+                id: n.id.clone(),
+                state: n.state.clone(),
+                place: n.place.clone(),
+                running: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sha256.clone())),
+                sequence: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sequence)),
+                status: v.map(|v| v.heartbeat.status.clone()),
+                workers: v
+                    .map(|v| {
+                        v.heartbeat
+                            .workers
+                            .iter()
+                            .map(|w| format!("{:?}", w.state).to_lowercase())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                heartbeat_age_s: age,
+                silent: n.live && age.is_none_or(|a| a > SILENT_AFTER_S),
+            }
+        })
+        .collect()
+}
+
+pub fn print_status(rows: &[StatusRow]) {
+    println!(
+        "{:<14} {:<8} {:<12} {:<13} {:>4} {:<16} {:<20} {:>8}",
+        "NODE", "STATE", "PLACE", "BUNDLE", "SEQ", "AGENT", "WORKERS", "HB AGE"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:<8} {:<12} {:<13} {:>4} {:<16} {:<20} {:>8}{}",
+            r.id,
+            r.state,
+            r.place,
+            r.running
+                .as_deref()
+                .map(|s| &s[..12.min(s.len())])
+                .unwrap_or("-"),
+            r.sequence
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.status.as_deref().unwrap_or("-"),
+            if r.workers.is_empty() {
+                "-".to_string()
+            } else {
+                r.workers.join(",")
+            },
+            r.heartbeat_age_s
+                .map(|a| format!("{a:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+            if r.silent { "  SILENT" } else { "" }
+        );
+    }
+}

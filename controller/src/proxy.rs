@@ -1,0 +1,128 @@
+//! `/locust/*`: Locust's own web UI and API, reverse-proxied behind the controller's auth.
+//!
+//! The master runs with `--web-base-path /locust`, so paths pass through unchanged. What the
+//! proxy fixes (LOCUST.md): the 308 from `/locust` carries an absolute `http://` Location,
+//! made relative here; `Access-Control-Allow-Origin: *` is dropped; the operator's
+//! `Authorization` header is never forwarded. A `POST /locust/swarm` is also recorded, so the
+//! controller re-starts that test after a master restart.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fleet_common::wire::SwarmRequest;
+use http_body_util::Full;
+
+use crate::server::Shared;
+
+/// Largest request body passed to Locust (its forms are tiny).
+const MAX_BODY: usize = 1 << 20;
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "authorization",
+    "cookie",
+];
+
+fn form_value<'a>(form: &'a str, key: &str) -> Option<&'a str> {
+    form.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })
+}
+
+pub async fn locust(State(st): State<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().strip_prefix("/locust").unwrap_or("");
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let api = &st.master.api;
+    // `base` ends in `/locust` for a managed master; the remaining path goes after it.
+    let uri = format!("{}{path}{query}", api.base());
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response()
+        }
+    };
+    if parts.method == axum::http::Method::POST && path == "/swarm" {
+        let form = String::from_utf8_lossy(&body);
+        let users = form_value(&form, "user_count").and_then(|v| v.parse::<u64>().ok());
+        let rate = form_value(&form, "spawn_rate").and_then(|v| v.parse::<f64>().ok());
+        if let (Some(users), Some(spawn_rate)) = (users, rate) {
+            st.master
+                .set_swarm(Some(SwarmRequest { users, spawn_rate }));
+        }
+    } else if parts.method == axum::http::Method::POST && path == "/stop" {
+        st.master.set_swarm(None);
+    }
+    let mut out = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(&uri);
+    for (k, v) in parts.headers.iter() {
+        if !HOP_BY_HOP.contains(&k.as_str()) && k != header::HOST {
+            out = out.header(k, v);
+        }
+    }
+    let out = match out.body(Full::new(body)) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let resp = match api.client().request(out).await {
+        Ok(r) => r,
+        Err(_) => {
+            return (
+                StatusCode::BAD_GATEWAY,
+                "the Locust master's web UI is not reachable (is it starting?)\n",
+            )
+                .into_response()
+        }
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    rparts.headers.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+    for h in HOP_BY_HOP {
+        if *h != "authorization" && *h != "cookie" {
+            rparts.headers.remove(*h);
+        }
+    }
+    if let Some(loc) = rparts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        // `http://<host>/locust/` -> `/locust/`: the browser keeps https and our host.
+        if let Some(rest) = loc
+            .strip_prefix("http://")
+            .or_else(|| loc.strip_prefix("https://"))
+        {
+            let rel = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+            if let Ok(v) = HeaderValue::from_str(rel) {
+                rparts.headers.insert(header::LOCATION, v);
+            }
+        }
+    }
+    Response::from_parts(rparts, Body::new(rbody))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn form_values() {
+        assert_eq!(
+            super::form_value("user_count=5&spawn_rate=2.5", "spawn_rate"),
+            Some("2.5")
+        );
+        assert_eq!(super::form_value("user_count=5", "host"), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! Publishing: pack the spec, sign a manifest, keep a history, and wake long-polls.
+//!
+//! Every publication is written to `state/` before it is served (manifest bytes, signature and
+//! bundle), so a restarted controller serves the same sequence and only ever counts up from it:
+//! agents refuse a sequence lower than the one they run.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use bytes::Bytes;
+use fleet_common::bundle::Packed;
+use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT};
+use fleet_common::wire::{SpecVersion, SpecView};
+use tokio::sync::watch;
+
+/// One published version, as served.
+#[derive(Debug)]
+pub struct Publication {
+    pub manifest: Manifest,
+    /// The exact signed bytes.
+    pub bytes: Bytes,
+    pub signature_b64: String,
+    pub bundle: Bytes,
+}
+
+impl Publication {
+    pub fn version(&self) -> SpecVersion {
+        SpecVersion {
+            sequence: self.manifest.sequence,
+            sha256: self.manifest.bundle.sha256.clone(),
+            size: self.manifest.bundle.size,
+            master_epoch: self.manifest.master_epoch,
+            created: self.manifest.created.clone(),
+        }
+    }
+}
+
+/// What a new publication runs against, besides the bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub master: MasterAddr,
+    pub master_epoch: u64,
+    pub worker_args: Vec<String>,
+}
+
+pub struct Publisher {
+    fleet: String,
+    locustfile: String,
+    key: SigningKey,
+    dir: PathBuf,
+    keep: usize,
+    inner: Mutex<Inner>,
+    tx: watch::Sender<Option<Arc<Publication>>>,
+}
+
+struct Inner {
+    /// Newest last.
+    history: VecDeque<Arc<Publication>>,
+    last_error: Option<String>,
+}
+
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Publisher {
+    /// Opens the publication state in `dir`, loading what an earlier run published.
+    pub fn open(
+        fleet: &str,
+        locustfile: &str,
+        key: SigningKey,
+        dir: &Path,
+        keep: usize,
+    ) -> Result<Publisher> {
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        std::fs::create_dir_all(dir.join("bundles"))?;
+        let vk = key.verify_key();
+        let mut seqs: Vec<u64> = std::fs::read_dir(dir.join("manifests"))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        seqs.sort_unstable();
+        let mut history = VecDeque::new();
+        for seq in seqs.iter().rev().take(keep.max(1)).rev() {
+            let mp = dir.join(format!("manifests/{seq}.json"));
+            let bytes = std::fs::read(&mp)?;
+            let sig = std::fs::read_to_string(dir.join(format!("manifests/{seq}.sig")))?;
+            // Our own state, but re-verified: a key rotation or a hand edit must not be served.
+            let Ok(manifest) = vk.verify_b64(&bytes, &sig) else {
+                continue;
+            };
+            let Ok(bundle) =
+                std::fs::read(dir.join(format!("bundles/{}.tar.gz", manifest.bundle.sha256)))
+            else {
+                continue;
+            };
+            if fleet_common::manifest::check_bundle(&manifest, &bundle).is_err() {
+                continue;
+            }
+            history.push_back(Arc::new(Publication {
+                manifest,
+                bytes: Bytes::from(bytes),
+                signature_b64: sig.trim().to_string(),
+                bundle: Bytes::from(bundle),
+            }));
+        }
+        let (tx, _) = watch::channel(history.back().cloned());
+        let p = Publisher {
+            fleet: fleet.to_string(),
+            locustfile: locustfile.to_string(),
+            key,
+            dir: dir.to_path_buf(),
+            keep: keep.max(1),
+            inner: Mutex::new(Inner {
+                history,
+                last_error: None,
+            }),
+            tx,
+        };
+        Ok(p)
+    }
+
+    pub fn current(&self) -> Option<Arc<Publication>> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Publication>>> {
+        self.tx.subscribe()
+    }
+
+    pub fn bundle(&self, sha: &str) -> Option<Bytes> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .history
+            .iter()
+            .rev()
+            .find(|p| p.manifest.bundle.sha256 == sha)
+            .map(|p| p.bundle.clone())
+    }
+
+    pub fn set_error(&self, e: Option<String>) {
+        self.inner.lock().unwrap().last_error = e;
+    }
+
+    pub fn view(&self) -> SpecView {
+        let inner = self.inner.lock().unwrap();
+        SpecView {
+            current: inner.history.back().map(|p| p.version()),
+            history: inner.history.iter().rev().map(|p| p.version()).collect(),
+            last_error: inner.last_error.clone(),
+        }
+    }
+
+    /// The sequence only grows, even past versions that were trimmed or no longer verify.
+    fn highest_sequence_on_disk(&self) -> u64 {
+        let marker = std::fs::read_to_string(self.dir.join("manifests/.highest"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let files = std::fs::read_dir(self.dir.join("manifests"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".json")?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        marker.max(files)
+    }
+
+    /// Publishes `bundle` against `target`, unless the current publication already is exactly
+    /// that. Returns the publication now current.
+    pub fn publish(&self, bundle: &Packed, target: &Target) -> Result<Arc<Publication>> {
+        let bundle_bytes = Bytes::from(bundle.bytes.clone());
+        self.publish_bytes(&bundle.sha256, bundle_bytes, target)
+    }
+
+    /// Republishes the current bundle against a new target (a restarted master).
+    pub fn retarget(&self, target: &Target) -> Result<Option<Arc<Publication>>> {
+        let Some(cur) = self.current() else {
+            return Ok(None);
+        };
+        self.publish_bytes(
+            &cur.manifest.bundle.sha256.clone(),
+            cur.bundle.clone(),
+            target,
+        )
+        .map(Some)
+    }
+
+    fn publish_bytes(&self, sha: &str, bundle: Bytes, target: &Target) -> Result<Arc<Publication>> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(cur) = inner.history.back() {
+            let m = &cur.manifest;
+            if m.bundle.sha256 == sha
+                && m.master == target.master
+                && m.master_epoch == target.master_epoch
+                && m.worker_args == target.worker_args
+            {
+                return Ok(cur.clone());
+            }
+        }
+        let last = inner
+            .history
+            .back()
+            .map(|p| p.manifest.sequence)
+            .unwrap_or(0);
+        let sequence = last.max(self.highest_sequence_on_disk()) + 1;
+        let manifest = Manifest {
+            format: FORMAT,
+            fleet: self.fleet.clone(),
+            sequence,
+            bundle: BundleRef {
+                sha256: sha.to_string(),
+                size: bundle.len() as u64,
+            },
+            locustfile: self.locustfile.clone(),
+            master: target.master.clone(),
+            master_epoch: target.master_epoch,
+            worker_args: target.worker_args.clone(),
+            created: rfc3339_now(),
+        };
+        let signed = self.key.sign(&manifest);
+        let bpath = self.dir.join(format!("bundles/{sha}.tar.gz"));
+        if !bpath.exists() {
+            write_atomic(&bpath, &bundle)?;
+        }
+        write_atomic(
+            &self.dir.join(format!("manifests/{sequence}.sig")),
+            signed.signature_b64().as_bytes(),
+        )?;
+        // The manifest last: a manifest on disk always has its signature and bundle beside it.
+        write_atomic(
+            &self.dir.join(format!("manifests/{sequence}.json")),
+            &signed.bytes,
+        )?;
+        let publication = Arc::new(Publication {
+            manifest,
+            bytes: Bytes::from(signed.bytes),
+            signature_b64: B64.encode(&signed.signature),
+            bundle,
+        });
+        inner.history.push_back(publication.clone());
+        while inner.history.len() > self.keep {
+            if let Some(old) = inner.history.pop_front() {
+                let seq = old.manifest.sequence;
+                let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.json")));
+                let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.sig")));
+                let sha = &old.manifest.bundle.sha256;
+                if !inner
+                    .history
+                    .iter()
+                    .any(|p| &p.manifest.bundle.sha256 == sha)
+                {
+                    let _ = std::fs::remove_file(self.dir.join(format!("bundles/{sha}.tar.gz")));
+                }
+            }
+        }
+        // The highest sequence must survive trimming: keep a marker of it.
+        write_atomic(
+            &self.dir.join("manifests/.highest"),
+            sequence.to_string().as_bytes(),
+        )?;
+        drop(inner);
+        self.tx.send_replace(Some(publication.clone()));
+        Ok(publication)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_common::bundle::{pack_dir, Limits};
+
+    fn target(epoch: u64) -> Target {
+        Target {
+            master: MasterAddr {
+                host: "127.0.0.1".into(),
+                port: 5557,
+            },
+            master_epoch: epoch,
+            worker_args: vec![],
+        }
+    }
+
+    #[test]
+    fn sequence_grows_across_restarts_and_trimming() {
+        let spec = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (key, pk8) = SigningKey::generate();
+        let vk = key.verify_key();
+        let p = Publisher::open("t", "locustfile.py", key, state.path(), 2).unwrap();
+        assert!(p.current().is_none());
+        std::fs::write(spec.path().join("locustfile.py"), "a").unwrap();
+        let b1 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        let one = p.publish(&b1, &target(1)).unwrap();
+        assert_eq!(one.manifest.sequence, 1);
+        // Same bundle and target: no new publication.
+        assert_eq!(p.publish(&b1, &target(1)).unwrap().manifest.sequence, 1);
+        // A restarted master is a new publication of the same bundle.
+        assert_eq!(
+            p.retarget(&target(2)).unwrap().unwrap().manifest.sequence,
+            2
+        );
+        std::fs::write(spec.path().join("locustfile.py"), "b").unwrap();
+        let b2 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        let three = p.publish(&b2, &target(2)).unwrap();
+        assert_eq!(three.manifest.sequence, 3);
+        assert_eq!(
+            vk.verify_b64(&three.bytes, &three.signature_b64).unwrap(),
+            three.manifest
+        );
+        assert_eq!(p.view().history.len(), 2, "history trimmed to 2");
+        assert!(
+            p.bundle(&b1.sha256).is_some(),
+            "seq 2 still uses the first bundle"
+        );
+        drop(p);
+
+        let again = Publisher::open(
+            "t",
+            "locustfile.py",
+            SigningKey::from_pkcs8(&pk8).unwrap(),
+            state.path(),
+            2,
+        )
+        .unwrap();
+        assert_eq!(again.current().unwrap().manifest.sequence, 3);
+        assert_eq!(again.current().unwrap().bytes, three.bytes);
+        std::fs::write(spec.path().join("locustfile.py"), "c").unwrap();
+        let b3 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        assert_eq!(again.publish(&b3, &target(2)).unwrap().manifest.sequence, 4);
+        assert!(
+            again.bundle(&b1.sha256).is_none(),
+            "trimmed bundles are gone"
+        );
+    }
+}
