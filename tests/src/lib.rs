@@ -1,1 +1,318 @@
-//! Test harness (filled below).
+//! Harness for the end-to-end tests: a fleet directory in a temp dir with its own ports, the
+//! real `fleet` and `fleet-agent` binaries, and the real `locust` from the project's venv.
+//!
+//! The binaries come from the workspace's target directory (`./run.sh test` builds them
+//! first); Locust from `FLEET_TEST_LOCUST` or `<workspace>/.venv/bin/locust`. Everything
+//! listens on 127.0.0.1.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_common::client::Client;
+use fleet_common::wire::{NodeView, SpecView};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// A binary of the workspace, next to the running test's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` (or ./run.sh test) first", p.display());
+    p
+}
+
+pub fn locust() -> PathBuf {
+    let p = std::env::var_os("FLEET_TEST_LOCUST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/locust"));
+    assert!(p.is_file(), "{} is missing: run ./run.sh setup first", p.display());
+    p
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Replaces the worker command (stub workers); `None` runs real Locust workers.
+    pub worker_command: Option<Vec<String>>,
+    pub workers: u32,
+    /// Extra agent settings (`join_grace_ms`, `stable_ms`, ...).
+    pub agent_settings: Vec<(String, toml::Value)>,
+    /// Run a managed Locust master.
+    pub managed_master: bool,
+    pub debounce_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { worker_command: None, workers: 1, agent_settings: vec![], managed_master: true, debounce_ms: 100 }
+    }
+}
+
+/// A fleet directory with its own ports, and the `fleet serve` process when started.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub port: u16,
+    pub master_port: u16,
+    pub web_port: u16,
+    pub password: String,
+    serve: Option<Child>,
+}
+
+impl Fleet {
+    pub fn new(o: Options) -> Fleet {
+        let dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir().expect("tempdir");
+        let port = free_port();
+        let (master_port, web_port) = (free_port(), free_port());
+        let locust = locust();
+        let out = Command::new(bin("fleet"))
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--output", "json", "init", "--name", "e2e", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--locust")
+            .arg(&locust)
+            .output()
+            .expect("fleet init");
+        assert!(out.status.success(), "fleet init: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("init json");
+        let password = v["password"].as_str().expect("password").to_string();
+        let cfg_path = dir.path().join("fleet.toml");
+        let mut t: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
+        {
+            let c = t["controller"].as_table_mut().unwrap();
+            c.insert("debounce_ms".into(), (o.debounce_ms as i64).into());
+            let m = t["master"].as_table_mut().unwrap();
+            m.insert("managed".into(), o.managed_master.into());
+            m.insert("port".into(), i64::from(master_port).into());
+            m.insert("web_url".into(), format!("http://127.0.0.1:{web_port}/locust").into());
+            let l = t["local"].as_table_mut().unwrap();
+            l.insert("workers".into(), i64::from(o.workers).into());
+            l.insert("agent_bin".into(), bin("fleet-agent").display().to_string().into());
+            if let Some(cmd) = &o.worker_command {
+                l.insert("worker_command".into(), toml::Value::Array(cmd.iter().map(|s| s.clone().into()).collect()));
+            }
+            let mut settings = toml::Table::new();
+            // Fast feedback in tests; the defaults suit real fleets.
+            settings.insert("heartbeat_ms".into(), 1000.into());
+            for (k, v) in &o.agent_settings {
+                settings.insert(k.clone(), v.clone());
+            }
+            l.insert("agent_settings".into(), settings.into());
+        }
+        std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+        Fleet { url: format!("https://127.0.0.1:{port}"), port, master_port, web_port, password, dir, serve: None }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn spec_file(&self) -> PathBuf {
+        self.path().join("spec/locustfile.py")
+    }
+
+    /// Replaces the locustfile (written beside and renamed, as editors do).
+    pub fn write_spec(&self, text: &str) {
+        let tmp = self.path().join("spec/.locustfile.py.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.spec_file()).unwrap();
+    }
+
+    /// Runs the `fleet` CLI on this directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("fleet")).arg("--dir").arg(self.path()).args(args).output().expect("fleet")
+    }
+
+    pub fn start_serve(&mut self) {
+        assert!(self.serve.is_none(), "already serving");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path().join("serve.log")).unwrap();
+        let child = Command::new(bin("fleet"))
+            .arg("--dir")
+            .arg(self.path())
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("fleet serve");
+        self.serve = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "fleet serve did not listen: {}", self.serve_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills `fleet serve` hard (SIGKILL): what a crash looks like.
+    pub fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops `fleet serve` cleanly (SIGTERM), which also stops the managed master.
+    pub fn stop_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.path().join("certs/ca.pem")).unwrap()
+    }
+
+    pub fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join("secrets").join(name)).unwrap().trim().to_string()
+    }
+
+    /// A client with the given `Authorization` value (or none).
+    pub fn client_with(&self, auth: Option<&str>) -> Client {
+        Client::new(&self.url, &self.ca_pem(), auth).unwrap()
+    }
+
+    pub fn operator(&self) -> Client {
+        self.client_with(Some(&format!("Bearer {}", self.secret("operator.token"))))
+    }
+
+    pub fn agent(&self) -> Client {
+        self.client_with(Some(&format!("Bearer {}", self.secret("agent.token"))))
+    }
+
+    pub async fn get_json(&self, path: &str) -> Option<serde_json::Value> {
+        let r = self.operator().get(path, Duration::from_secs(10), 16 << 20).await.ok()?;
+        if r.status != 200 {
+            return None;
+        }
+        serde_json::from_slice(&r.body).ok()
+    }
+
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        let r = self.operator().get("/api/nodes", Duration::from_secs(10), 16 << 20).await;
+        match r {
+            Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or_default(),
+            _ => vec![],
+        }
+    }
+
+    pub async fn spec(&self) -> Option<SpecView> {
+        serde_json::from_value(self.get_json("/api/spec").await?).ok()
+    }
+
+    /// Locust's `/stats/requests`, through the controller's proxy.
+    pub async fn locust_stats(&self) -> Option<serde_json::Value> {
+        self.get_json("/locust/stats/requests").await
+    }
+
+    /// Waits until `n` nodes run `sha` with every worker running; returns them.
+    pub async fn wait_all_running(&self, n: usize, sha: &str, timeout: Duration) -> Vec<NodeView> {
+        wait_for(&format!("{n} nodes running {sha}"), timeout, || async {
+            let nodes = self.nodes().await;
+            let ok = nodes.len() == n
+                && nodes.iter().all(|v| {
+                    v.heartbeat.running.as_ref().is_some_and(|r| r.sha256 == sha)
+                        && v.heartbeat.workers.iter().all(|w| w.state == fleet_common::wire::WorkerState::Running)
+                });
+            ok.then_some(nodes)
+        })
+        .await
+    }
+
+    pub async fn current_sha(&self) -> Option<String> {
+        self.spec().await?.current.map(|c| c.sha256)
+    }
+
+    /// Waits for a publication other than `old`; returns its sha.
+    pub async fn wait_new_sha(&self, old: &str, timeout: Duration) -> String {
+        wait_for("a new publication", timeout, || async { self.current_sha().await.filter(|s| s != old) }).await
+    }
+
+    fn master_pid(&self) -> Option<i32> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(self.path().join("state/master.json")).ok()?).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.cli(&["down"]);
+        self.stop_serve();
+        // A master orphaned by a killed controller: its process group.
+        if let Some(pid) = self.master_pid() {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        if std::env::var_os("FLEET_TEST_KEEP").is_some() {
+            let p = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", p.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+        }
+    }
+}
+
+/// A locustfile for the sample target at `target` with one task per `(name, path)`.
+pub fn locustfile(target: &str, class: &str, tasks: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "from locust import FastHttpUser, constant, task\n\n\nclass {class}(FastHttpUser):\n    host = \"{target}\"\n    wait_time = constant(0.2)\n"
+    );
+    for (name, path) in tasks {
+        s.push_str(&format!("\n    @task\n    def {name}(self):\n        self.client.get(\"{path}\")\n"));
+    }
+    s
+}
+
+/// Starts `fleet target` on a free port; returns its base URL and the process.
+pub fn start_target() -> (String, Child) {
+    let port = free_port();
+    let child = Command::new(bin("fleet"))
+        .args(["target", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleet target");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "target did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (format!("http://127.0.0.1:{port}"), child)
+}
