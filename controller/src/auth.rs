@@ -24,9 +24,10 @@ use crate::secrets::PasswordHash;
 /// The user name of the web UI's basic auth.
 pub const UI_USER: &str = "fleet";
 
-/// Failed attempts a client address may make in a burst, and how fast that allowance refills.
-const FAIL_BURST: f64 = 10.0;
-const FAIL_REFILL_PER_S: f64 = 0.5;
+/// Failed attempts a client address may make in a burst, and how fast that allowance refills
+/// (the defaults of `controller.auth_fail_burst` and `controller.auth_fail_refill_per_s`).
+pub const FAIL_BURST: f64 = 10.0;
+pub const FAIL_REFILL_PER_S: f64 = 0.5;
 /// Verified credentials kept (each is 32 bytes); the cache is cleared when it is full.
 const CACHE_MAX: usize = 1024;
 /// Addresses tracked for failures; the table is cleared when it is full.
@@ -57,11 +58,31 @@ pub struct Auth {
     ui: PasswordHash,
     verified: Mutex<HashSet<[u8; 32]>>,
     failures: Mutex<HashMap<IpAddr, Bucket>>,
+    burst: f64,
+    refill_per_s: f64,
 }
 
 impl Auth {
     pub fn new(agent_token: &str, operator_token: &str, ui: PasswordHash) -> Auth {
+        Auth::with_limits(
+            agent_token,
+            operator_token,
+            ui,
+            FAIL_BURST,
+            FAIL_REFILL_PER_S,
+        )
+    }
+
+    pub fn with_limits(
+        agent_token: &str,
+        operator_token: &str,
+        ui: PasswordHash,
+        burst: f64,
+        refill_per_s: f64,
+    ) -> Auth {
         Auth {
+            burst: burst.max(1.0),
+            refill_per_s: refill_per_s.max(0.0),
             agent_token: agent_token.trim().to_string(),
             operator_token: operator_token.trim().to_string(),
             ui,
@@ -76,8 +97,8 @@ impl Auth {
             None => false,
             Some(b) => {
                 let now = Instant::now();
-                b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * FAIL_REFILL_PER_S)
-                    .min(FAIL_BURST);
+                b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.refill_per_s)
+                    .min(self.burst);
                 b.at = now;
                 b.tokens < 1.0
             }
@@ -90,7 +111,7 @@ impl Auth {
             f.clear();
         }
         let b = f.entry(ip).or_insert(Bucket {
-            tokens: FAIL_BURST,
+            tokens: self.burst,
             at: Instant::now(),
         });
         b.tokens -= 1.0;

@@ -58,6 +58,12 @@ pub struct ControllerConfig {
     pub history: usize,
     #[serde(default = "default_max_bundle")]
     pub max_bundle_bytes: u64,
+    /// Failed authentications one client address may make in a burst...
+    #[serde(default = "default_fail_burst")]
+    pub auth_fail_burst: f64,
+    /// ...and how many more it is allowed per second after that.
+    #[serde(default = "default_fail_refill")]
+    pub auth_fail_refill_per_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +139,12 @@ fn default_history() -> usize {
 }
 fn default_max_bundle() -> u64 {
     fleet_common::bundle::Limits::default().max_packed
+}
+fn default_fail_burst() -> f64 {
+    crate::auth::FAIL_BURST
+}
+fn default_fail_refill() -> f64 {
+    crate::auth::FAIL_REFILL_PER_S
 }
 fn default_locust() -> String {
     "locust".into()

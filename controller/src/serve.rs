@@ -60,10 +60,12 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         &fleet.read(&fleet.server_key())?,
     )?;
     let ui = PasswordHash::parse(&fleet.read(&fleet.ui_hash())?)?;
-    let auth = Auth::new(
+    let auth = Auth::with_limits(
         &fleet.read(&fleet.agent_token())?,
         &fleet.read(&fleet.operator_token())?,
         ui,
+        cfg.controller.auth_fail_burst,
+        cfg.controller.auth_fail_refill_per_s,
     );
     let spec_dir = fleet.spec_dir();
     anyhow::ensure!(

@@ -16,7 +16,10 @@ use fleet_common::client::Client;
 use fleet_common::wire::{NodeView, SpecView};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// A binary of the workspace, next to the running test's `deps/` directory.
@@ -24,7 +27,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let p = dir.join(name);
-    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` (or ./run.sh test) first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace` (or ./run.sh test) first",
+        p.display()
+    );
     p
 }
 
@@ -32,13 +39,21 @@ pub fn locust() -> PathBuf {
     let p = std::env::var_os("FLEET_TEST_LOCUST")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".venv/bin/locust"));
-    assert!(p.is_file(), "{} is missing: run ./run.sh setup first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run ./run.sh setup first",
+        p.display()
+    );
     p
 }
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics naming `what`.
@@ -52,7 +67,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -67,11 +85,20 @@ pub struct Options {
     /// Run a managed Locust master.
     pub managed_master: bool,
     pub debounce_ms: u64,
+    /// Extra `[controller]` settings.
+    pub controller_settings: Vec<(String, toml::Value)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { worker_command: None, workers: 1, agent_settings: vec![], managed_master: true, debounce_ms: 100 }
+        Options {
+            worker_command: None,
+            workers: 1,
+            agent_settings: vec![],
+            managed_master: true,
+            debounce_ms: 100,
+            controller_settings: vec![],
+        }
     }
 }
 
@@ -88,19 +115,34 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(o: Options) -> Fleet {
-        let dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-e2e-")
+            .tempdir()
+            .expect("tempdir");
         let port = free_port();
         let (master_port, web_port) = (free_port(), free_port());
         let locust = locust();
         let out = Command::new(bin("fleet"))
             .arg("--dir")
             .arg(dir.path())
-            .args(["--output", "json", "init", "--name", "e2e", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--output",
+                "json",
+                "init",
+                "--name",
+                "e2e",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .arg("--locust")
             .arg(&locust)
             .output()
             .expect("fleet init");
-        assert!(out.status.success(), "fleet init: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "fleet init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("init json");
         let password = v["password"].as_str().expect("password").to_string();
         let cfg_path = dir.path().join("fleet.toml");
@@ -108,15 +150,27 @@ impl Fleet {
         {
             let c = t["controller"].as_table_mut().unwrap();
             c.insert("debounce_ms".into(), (o.debounce_ms as i64).into());
+            for (k, v) in &o.controller_settings {
+                c.insert(k.clone(), v.clone());
+            }
             let m = t["master"].as_table_mut().unwrap();
             m.insert("managed".into(), o.managed_master.into());
             m.insert("port".into(), i64::from(master_port).into());
-            m.insert("web_url".into(), format!("http://127.0.0.1:{web_port}/locust").into());
+            m.insert(
+                "web_url".into(),
+                format!("http://127.0.0.1:{web_port}/locust").into(),
+            );
             let l = t["local"].as_table_mut().unwrap();
             l.insert("workers".into(), i64::from(o.workers).into());
-            l.insert("agent_bin".into(), bin("fleet-agent").display().to_string().into());
+            l.insert(
+                "agent_bin".into(),
+                bin("fleet-agent").display().to_string().into(),
+            );
             if let Some(cmd) = &o.worker_command {
-                l.insert("worker_command".into(), toml::Value::Array(cmd.iter().map(|s| s.clone().into()).collect()));
+                l.insert(
+                    "worker_command".into(),
+                    toml::Value::Array(cmd.iter().map(|s| s.clone().into()).collect()),
+                );
             }
             let mut settings = toml::Table::new();
             // Fast feedback in tests; the defaults suit real fleets.
@@ -127,7 +181,15 @@ impl Fleet {
             l.insert("agent_settings".into(), settings.into());
         }
         std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
-        Fleet { url: format!("https://127.0.0.1:{port}"), port, master_port, web_port, password, dir, serve: None }
+        Fleet {
+            url: format!("https://127.0.0.1:{port}"),
+            port,
+            master_port,
+            web_port,
+            password,
+            dir,
+            serve: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -147,12 +209,21 @@ impl Fleet {
 
     /// Runs the `fleet` CLI on this directory.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("fleet")).arg("--dir").arg(self.path()).args(args).output().expect("fleet")
+        Command::new(bin("fleet"))
+            .arg("--dir")
+            .arg(self.path())
+            .args(args)
+            .output()
+            .expect("fleet")
     }
 
     pub fn start_serve(&mut self) {
         assert!(self.serve.is_none(), "already serving");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path().join("serve.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join("serve.log"))
+            .unwrap();
         let child = Command::new(bin("fleet"))
             .arg("--dir")
             .arg(self.path())
@@ -165,7 +236,11 @@ impl Fleet {
         self.serve = Some(child);
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "fleet serve did not listen: {}", self.serve_log());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "fleet serve did not listen: {}",
+                self.serve_log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -181,7 +256,10 @@ impl Fleet {
     /// Stops `fleet serve` cleanly (SIGTERM), which also stops the managed master.
     pub fn stop_serve(&mut self) {
         if let Some(mut c) = self.serve.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(15) {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -203,7 +281,10 @@ impl Fleet {
     }
 
     pub fn secret(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path().join("secrets").join(name)).unwrap().trim().to_string()
+        std::fs::read_to_string(self.path().join("secrets").join(name))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// A client with the given `Authorization` value (or none).
@@ -220,7 +301,11 @@ impl Fleet {
     }
 
     pub async fn get_json(&self, path: &str) -> Option<serde_json::Value> {
-        let r = self.operator().get(path, Duration::from_secs(10), 16 << 20).await.ok()?;
+        let r = self
+            .operator()
+            .get(path, Duration::from_secs(10), 16 << 20)
+            .await
+            .ok()?;
         if r.status != 200 {
             return None;
         }
@@ -228,7 +313,10 @@ impl Fleet {
     }
 
     pub async fn nodes(&self) -> Vec<NodeView> {
-        let r = self.operator().get("/api/nodes", Duration::from_secs(10), 16 << 20).await;
+        let r = self
+            .operator()
+            .get("/api/nodes", Duration::from_secs(10), 16 << 20)
+            .await;
         match r {
             Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or_default(),
             _ => vec![],
@@ -250,8 +338,14 @@ impl Fleet {
             let nodes = self.nodes().await;
             let ok = nodes.len() == n
                 && nodes.iter().all(|v| {
-                    v.heartbeat.running.as_ref().is_some_and(|r| r.sha256 == sha)
-                        && v.heartbeat.workers.iter().all(|w| w.state == fleet_common::wire::WorkerState::Running)
+                    v.heartbeat
+                        .running
+                        .as_ref()
+                        .is_some_and(|r| r.sha256 == sha)
+                        && v.heartbeat
+                            .workers
+                            .iter()
+                            .all(|w| w.state == fleet_common::wire::WorkerState::Running)
                 });
             ok.then_some(nodes)
         })
@@ -264,11 +358,16 @@ impl Fleet {
 
     /// Waits for a publication other than `old`; returns its sha.
     pub async fn wait_new_sha(&self, old: &str, timeout: Duration) -> String {
-        wait_for("a new publication", timeout, || async { self.current_sha().await.filter(|s| s != old) }).await
+        wait_for("a new publication", timeout, || async {
+            self.current_sha().await.filter(|s| s != old)
+        })
+        .await
     }
 
     fn master_pid(&self) -> Option<i32> {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(self.path().join("state/master.json")).ok()?).ok()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.path().join("state/master.json")).ok()?)
+                .ok()?;
         v["pid"].as_i64().map(|p| p as i32)
     }
 }
@@ -279,12 +378,18 @@ impl Drop for Fleet {
         self.stop_serve();
         // A master orphaned by a killed controller: its process group.
         if let Some(pid) = self.master_pid() {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if std::env::var_os("FLEET_TEST_KEEP").is_some() {
             let p = self.dir.path().to_path_buf();
             eprintln!("keeping {}", p.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
         }
     }
 }
@@ -295,7 +400,9 @@ pub fn locustfile(target: &str, class: &str, tasks: &[(&str, &str)]) -> String {
         "from locust import FastHttpUser, constant, task\n\n\nclass {class}(FastHttpUser):\n    host = \"{target}\"\n    wait_time = constant(0.2)\n"
     );
     for (name, path) in tasks {
-        s.push_str(&format!("\n    @task\n    def {name}(self):\n        self.client.get(\"{path}\")\n"));
+        s.push_str(&format!(
+            "\n    @task\n    def {name}(self):\n        self.client.get(\"{path}\")\n"
+        ));
     }
     s
 }
@@ -311,7 +418,10 @@ pub fn start_target() -> (String, Child) {
         .expect("fleet target");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "target did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "target did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     (format!("http://127.0.0.1:{port}"), child)

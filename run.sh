@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Quick start and CI entry point for fleet.
+#   ./run.sh setup          prepare this machine (.venv with pinned Locust and moto)
+#   ./run.sh demo [args]    a local swarm in one command (Ctrl-C stops it)
+#   ./run.sh test [args]    fmt, clippy, build, tests (args go to `cargo test`)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+# Where cargo puts binaries; relative CARGO_TARGET_DIR is relative to the repo root.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+# The Locust version pinned in requirements.txt.
+LOCUST_VERSION=$(sed -n 's/^locust==\([^[:space:]]*\).*/\1/p' requirements.txt)
+
+usage() {
+    cat <<USAGE
+usage: ./run.sh <command> [args...]
+
+  setup          install python3-venv if needed, create .venv, install requirements.txt
+  demo [args]    setup, build, then run \`fleet --dir demo demo\` (Ctrl-C stops it);
+                 args go to \`fleet demo\`, e.g. --agents 5 --users 50
+  test [args]    setup, then cargo fmt --check, clippy -D warnings, build, cargo test;
+                 args go to \`cargo test\`, e.g. ./run.sh test -p fleet-common
+  help           this text
+
+CARGO_TARGET_DIR is honoured.
+USAGE
+}
+
+step() { echo "== $*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+setup() {
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        echo "setup: installing python3-venv python3-pip"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv python3-pip
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "setup: creating .venv"
+        python3 -m venv "$VENV"
+    fi
+    if "$VENV/bin/locust" --version 2>/dev/null | grep -q "^locust $LOCUST_VERSION " \
+        && [ -x "$VENV/bin/moto_server" ]; then
+        echo "setup: .venv is up to date (locust $LOCUST_VERSION, moto)"
+        return
+    fi
+    echo "setup: installing requirements.txt into .venv"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+    echo "setup: done ($("$VENV/bin/locust" --version | cut -d' ' -f1-2))"
+}
+
+demo() {
+    setup
+    step build
+    cargo build --workspace --bins
+    exec "$TARGET_DIR/debug/fleet" --dir demo demo --locust "$VENV/bin/locust" "$@"
+}
+
+test_all() {
+    setup
+    step fmt
+    cargo fmt --all -- --check
+    step clippy
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    step build
+    cargo build --workspace --bins --locked
+    step test
+    FLEET_TEST_LOCUST=$VENV/bin/locust cargo test --workspace --locked "$@"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case $cmd in
+    setup) setup ;;
+    demo) demo "$@" ;;
+    test) test_all "$@" ;;
+    help | -h | --help) usage ;;
+    *)
+        echo "run.sh: unknown command '$cmd'" >&2
+        usage >&2
+        exit 2
+        ;;
+esac
