@@ -116,9 +116,12 @@ pub async fn demo(dir: &Path, o: &DemoOptions) -> Result<()> {
     );
     println!("  status:      fleet --dir {} status", dir.display());
     println!("Ctrl-C stops everything.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    // SIGTERM too: the agents run in process groups of their own and would outlive us.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     println!("stopping agents and the controller…");
     let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
     local.terminate(&ids).await?;
