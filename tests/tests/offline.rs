@@ -65,7 +65,7 @@ async fn agent_starts_from_the_last_good_bundle_without_a_controller() {
     .await;
     let before = std::fs::read_to_string(&starts).unwrap().lines().count();
     let log = std::fs::File::create(node.join("agent-offline.log")).unwrap();
-    let agent = Command::new(bin("fleet-agent"))
+    let mut agent = Command::new(bin("fleet-agent"))
         .arg("--config")
         .arg(node.join("agent.toml"))
         .stdin(Stdio::null())
@@ -102,4 +102,11 @@ async fn agent_starts_from_the_last_good_bundle_without_a_controller() {
     })
     .await;
     assert_eq!(n.heartbeat.node_id, "local-0001");
+    // SIGTERM: the agent stops its workers before it exits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(agent.wait().unwrap().success());
 }
