@@ -97,7 +97,13 @@ fn write_mode(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<()> {
         bail!("{} exists; pass --force to replace it", path.display());
     }
     if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+        if !p.exists() {
+            std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+            // A directory made for a secret is private too.
+            if mode == 0o600 {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
     }
     // Write beside, then rename: a reader never sees a half-written secret, and the mode is
     // right from the first byte.
@@ -141,6 +147,11 @@ mod tests {
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        let dir_mode = std::fs::metadata(p.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         assert!(write_secret(&p, b"two", false).is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
         write_secret(&p, b"two", true).unwrap();

@@ -168,6 +168,7 @@ impl Steward {
         self.sync().await;
         let mut epoch_rx = self.master.epoch();
         epoch_rx.borrow_and_update();
+        let mut epochs_open = true;
         loop {
             tokio::select! {
                 ev = events.recv() => {
@@ -178,9 +179,11 @@ impl Steward {
                     while let Ok(Some(())) = tokio::time::timeout(debounce, events.recv()).await {}
                     self.sync().await;
                 }
-                changed = epoch_rx.changed() => {
+                changed = epoch_rx.changed(), if epochs_open => {
                     if changed.is_err() {
-                        return;
+                        // No supervisor (an external master): nothing will ever restart it.
+                        epochs_open = false;
+                        continue;
                     }
                     let epoch = *epoch_rx.borrow_and_update();
                     let stale = self.publisher.current().is_some_and(|p| p.manifest.master_epoch != epoch);
