@@ -35,6 +35,8 @@ macro_rules! log {
 /// agents do not reconnect in lockstep after a controller restart.
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Unpacked bundles younger than this are never garbage-collected.
+const GC_MIN_AGE: Duration = Duration::from_secs(120);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -181,10 +183,19 @@ impl Store {
         let Ok(rd) = std::fs::read_dir(self.dir.join("bundles")) else {
             return;
         };
+        // Young directories are spared: the poller may have just unpacked a bundle (or be
+        // unpacking one into a `.unpack-*` directory) that the main loop has not taken yet.
+        let young = |e: &std::fs::DirEntry| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < GC_MIN_AGE)
+        };
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if !keep.iter().any(|k| *k == name) {
+            if !keep.iter().any(|k| *k == name) && !name.starts_with('.') && !young(&e) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -338,7 +349,13 @@ fn jitter_fraction() -> f64 {
     (n % 1_000_003) as f64 / 1_000_003.0
 }
 
-async fn heartbeats(client: Client, mut rx: watch::Receiver<Heartbeat>) {
+/// Posts every new heartbeat. A heartbeat that gets through after failures also tells the main
+/// loop the controller is back, without waiting for the long-poll to return.
+async fn heartbeats(
+    client: Client,
+    mut rx: watch::Receiver<Heartbeat>,
+    poll_tx: mpsc::UnboundedSender<Poll>,
+) {
     let mut failing = false;
     while rx.changed().await.is_ok() {
         let hb = rx.borrow_and_update().clone();
@@ -347,7 +364,12 @@ async fn heartbeats(client: Client, mut rx: watch::Receiver<Heartbeat>) {
             .post_json(routes::HEARTBEAT, body, Duration::from_secs(10))
             .await
         {
-            Ok(r) if r.status == 200 => failing = false,
+            Ok(r) if r.status == 200 => {
+                if failing {
+                    let _ = poll_tx.send(Poll::Reachable);
+                }
+                failing = false;
+            }
             Ok(r) => {
                 if !failing {
                     log!("heartbeat refused: HTTP {}", r.status);
@@ -635,31 +657,39 @@ impl Agent {
         }
         if let Some(cur) = &self.current {
             let stable = cur.started.elapsed() >= Duration::from_millis(self.cfg.stable_ms);
-            let good_sha = self
-                .last_good
-                .as_ref()
-                .map(|g| g.manifest.bundle.sha256.as_str());
-            if stable
-                && self.draining.is_none()
-                && good_sha != Some(cur.spec.sha.as_str())
-                && self.status != "crash_loop"
-            {
-                if let Some(latest) = &self.latest {
-                    if latest.manifest.bundle.sha256 == cur.spec.sha {
-                        let rel = latest.clone();
-                        match self.store.save_last_good(&rel) {
-                            Ok(()) => {
-                                log!("bundle {} is now the last good one", short(&cur.spec.sha))
-                            }
-                            Err(e) => log!("cannot save last good state: {e}"),
-                        }
-                        self.last_good = Some(rel);
-                        self.store.gc(&[&cur.spec.sha]);
-                        self.publish();
-                    }
+            if stable && self.draining.is_none() && self.needs_promotion() {
+                let sha = cur.spec.sha.clone();
+                let rel = self.latest.clone().expect("needs_promotion checked it");
+                match self.store.save_last_good(&rel) {
+                    Ok(()) => log!(
+                        "bundle {} (sequence {}) is now the last good one",
+                        short(&sha),
+                        rel.manifest.sequence
+                    ),
+                    Err(e) => log!("cannot save last good state: {e}"),
                 }
+                self.last_good = Some(rel);
+                self.store.gc(&[&sha]);
+                self.publish();
             }
         }
+    }
+
+    /// Whether the latest manifest runs here but is not yet the saved last good one. The
+    /// comparison is by sequence, not only by bundle: a republication of the same bundle for a
+    /// restarted master (new epoch) must replace the saved manifest, or an agent restarted
+    /// offline would point its workers at the old master.
+    fn needs_promotion(&self) -> bool {
+        let (Some(cur), Some(latest)) = (&self.current, &self.latest) else {
+            return false;
+        };
+        self.status != "crash_loop"
+            && latest.manifest.bundle.sha256 == cur.spec.sha
+            && RunSpec::of(latest).same_workers(&cur.spec)
+            && self
+                .last_good
+                .as_ref()
+                .is_none_or(|g| g.manifest.sequence != latest.manifest.sequence)
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -669,12 +699,7 @@ impl Agent {
                 let t = cur.started + Duration::from_millis(self.cfg.join_grace_ms);
                 d = Some(d.map_or(t, |x| x.min(t)));
             }
-            let good = self
-                .last_good
-                .as_ref()
-                .map(|g| g.manifest.bundle.sha256 == cur.spec.sha)
-                .unwrap_or(false);
-            if !good && self.status != "crash_loop" {
+            if self.needs_promotion() {
                 let t = cur.started + Duration::from_millis(self.cfg.stable_ms);
                 d = Some(d.map_or(t, |x| x.min(t)));
             }
@@ -770,6 +795,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         agent.publish();
     }
 
+    let poll_tx_hb = poll_tx.clone();
     tokio::spawn(poller(
         client.clone(),
         cfg.clone(),
@@ -777,7 +803,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         last_good.map(|r| r.manifest.sequence),
         poll_tx,
     ));
-    tokio::spawn(heartbeats(client, hb_rx));
+    tokio::spawn(heartbeats(client, hb_rx, poll_tx_hb));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

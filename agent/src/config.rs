@@ -2,7 +2,7 @@
 //!
 //! Each source yields a TOML table; later layers override earlier ones key by key:
 //! 1. the config file (`/etc/fleet/agent.toml`, baked into the AMI),
-//! 2. EC2 user-data (a TOML document read over IMDSv2; see `docs/user-data.md`),
+//! 2. EC2 user-data (a TOML document read over IMDSv2; see `docs/agent-config.md`),
 //! 3. environment variables `FLEET_AGENT_<KEY>` (through the [`Env`] trait, so tests use a map),
 //! 4. command-line `--set key=value`.
 //!
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use fleet_common::manifest::VerifyKey;
 use serde::Deserialize;
 
-/// Where the baked-in config lives; `ami/fleet-agent.service` points here too.
+/// Where the baked-in config lives (the AMI bakes it there).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fleet/agent.toml";
 
 /// Every key the agent understands. Unknown keys are refused so a typo is not silently ignored.
@@ -227,6 +227,8 @@ impl Config {
         }
         VerifyKey::from_base64(&self.verify_key)
             .map_err(|e| format!("agent config: verify_key: {e}"))?;
+        fleet_common::client::parse_base_url(&self.controller)
+            .map_err(|e| format!("agent config: controller: {e}"))?;
         if self.ca_pem.is_none() && self.ca_file.is_none() {
             return Err("agent config: set ca_pem or ca_file (the fleet CA that signed the controller's certificate)".into());
         }

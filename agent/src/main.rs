@@ -32,7 +32,7 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             "--help" | "-h" => {
-                println!("{USAGE}\nConfig keys and sources: docs/user-data.md");
+                println!("{USAGE}\nConfig keys and sources: docs/agent-config.md");
                 std::process::exit(0);
             }
             "--config" => a.config = Some(value("--config")?),
@@ -70,7 +70,15 @@ fn load(args: &Args) -> Result<config::Config, String> {
 }
 
 fn main() {
-    let cfg = match parse_args().and_then(|a| load(&a)) {
+    // Everything checkable is checked before starting: the secrets and the CA must be
+    // readable and valid, or the agent exits 64 with one line instead of retrying forever.
+    let checked = parse_args().and_then(|a| load(&a)).and_then(|c| {
+        let ca = c.ca_pem()?;
+        fleet_common::client::tls_config(&ca).map_err(|e| e.to_string())?;
+        c.token()?;
+        Ok(c)
+    });
+    let cfg = match checked {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fleet-agent: {e}");

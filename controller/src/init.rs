@@ -61,7 +61,8 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<InitReport> {
     let mut r = InitReport::default();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join(CONFIG_FILE);
-    if !cfg_path.exists() || o.force {
+    // `--force` replaces secrets, never the operator's own fleet.toml.
+    if !cfg_path.exists() {
         let url = o
             .url
             .clone()

@@ -257,7 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
             let fleet = Fleet::load(&cli.dir)?;
             let local = Local::new(&fleet);
             let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
-            local.terminate(&ids).await?;
+            ops::terminate(&fleet, &local, &ids).await?;
             if output == Output::Json {
                 print_json(&serde_json::json!({ "terminated": ids }));
             } else {

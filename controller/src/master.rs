@@ -47,6 +47,8 @@ const RESWARM_WAIT: Duration = Duration::from_secs(30);
 /// How long a running test may have another user count than the one recorded before the
 /// controller re-POSTs it (longer than Locust's ~2 s stats cache).
 const DRIFT_GRACE: Duration = Duration::from_secs(3);
+/// Least time between two `/swarm` posts of the keeper.
+const POST_COOLDOWN: Duration = Duration::from_secs(4);
 
 /// User classes a spec defines, by a scan of its Python files: top-level `class Name(...)`
 /// whose bases mention `User`. A change of this set needs a master restart.
@@ -208,6 +210,8 @@ struct Status {
     classes: BTreeSet<String>,
     dir: Option<PathBuf>,
     swarm: Option<SwarmRequest>,
+    /// When a test started with a `run_time` ends: it is not re-started after that.
+    swarm_until: Option<Instant>,
     stats: Option<Stats>,
     /// Worker count seen while the test last ran, to know when they are all back.
     workers_seen: u64,
@@ -339,7 +343,16 @@ impl Master {
 
     /// Records the test the operator started, so it is re-started after a master restart.
     pub fn set_swarm(&self, s: Option<SwarmRequest>) {
-        self.status.lock().unwrap().swarm = s;
+        self.set_swarm_until(s, None);
+    }
+
+    /// Like [`Master::set_swarm`] for a test that Locust ends by itself after `run_time`.
+    pub fn set_swarm_until(&self, s: Option<SwarmRequest>, run_time: Option<Duration>) {
+        {
+            let mut st = self.status.lock().unwrap();
+            st.swarm = s;
+            st.swarm_until = run_time.map(|d| Instant::now() + d);
+        }
         self.save();
     }
 
@@ -539,50 +552,47 @@ impl Master {
         }
     }
 
-    /// Follows the master's state and keeps the recorded test going: re-starts it after a
-    /// master restart once the workers are back (or after [`RESWARM_WAIT`] with whatever
-    /// joined), and restores its user count when it drifts. Locust re-dispatches the users of
-    /// a worker that quits only for the first of several quitting at once (measured with
-    /// locust 2.47: three workers swapped in a hot restart left 3 of 6 users), and re-POSTing
-    /// `/swarm` with the same numbers restores the distribution (LOCUST.md).
+    /// Follows the master's state and keeps the recorded test going.
+    ///
+    /// The recorded test (`swarm`) is what the operator asked for; only an explicit stop (or
+    /// the end of its `run_time`) clears it. Locust itself also goes idle without being asked:
+    /// a restarted master starts `ready`, and a master whose last worker quit stops the test
+    /// (`stopped`), as happens when every worker is swapped in a hot restart. In both cases
+    /// the test is started again once the workers are back (the count seen while it ran,
+    /// stable for one poll) or after [`RESWARM_WAIT`] with whatever joined. A running test
+    /// whose user count drifts is re-posted too: Locust re-dispatches the users of a quitting
+    /// worker only for the first of several quitting at once (measured with locust 2.47:
+    /// swapping three workers left 3 of 6 users), and `/swarm` with the same numbers restores
+    /// them (LOCUST.md).
     async fn keep_swarm(self) {
-        let mut epoch_rx = self.epoch_rx.clone();
-        let mut epoch_seen = *epoch_rx.borrow_and_update();
-        let mut reswarm_since: Option<Instant> = None;
+        let mut idle_since: Option<Instant> = None;
         let mut drift_since: Option<Instant> = None;
+        let mut last_post: Option<Instant> = None;
         let mut last_workers = 0;
         loop {
             tokio::time::sleep(STATS_EVERY).await;
-            let epoch_now = *epoch_rx.borrow_and_update();
-            if epoch_now != epoch_seen {
-                epoch_seen = epoch_now;
-                reswarm_since = Some(Instant::now());
-            }
             let Ok(stats) = self.api.stats().await else {
                 continue;
             };
+            let idle = matches!(stats.state.as_str(), "ready" | "stopped");
             let (swarm, want_workers, recorded) = {
                 let mut s = self.status.lock().unwrap();
                 s.stats = Some(stats.clone());
                 let mut recorded = false;
-                if reswarm_since.is_none() {
-                    match stats.state.as_str() {
-                        "running" => {
-                            s.workers_seen = stats.worker_count;
-                            // A test started on the master directly is adopted as it is.
-                            if s.swarm.is_none() && stats.user_count > 0 {
-                                s.swarm = Some(SwarmRequest {
-                                    users: stats.user_count,
-                                    spawn_rate: stats.user_count as f64,
-                                });
-                                recorded = true;
-                            }
-                        }
-                        "stopped" if s.swarm.is_some() => {
-                            s.swarm = None;
-                            recorded = true;
-                        }
-                        _ => {}
+                if s.swarm_until.is_some_and(|t| Instant::now() >= t) {
+                    s.swarm = None;
+                    s.swarm_until = None;
+                    recorded = true;
+                }
+                if stats.state == "running" {
+                    s.workers_seen = stats.worker_count;
+                    // A test started on the master directly is adopted as it is.
+                    if s.swarm.is_none() && stats.user_count > 0 {
+                        s.swarm = Some(SwarmRequest {
+                            users: stats.user_count,
+                            spawn_rate: stats.user_count as f64,
+                        });
+                        recorded = true;
                     }
                 }
                 (s.swarm, s.workers_seen.max(1), recorded)
@@ -590,33 +600,35 @@ impl Master {
             if recorded {
                 self.save();
             }
-            let idle = matches!(stats.state.as_str(), "ready" | "stopped");
-            match (swarm, reswarm_since) {
-                (Some(sw), Some(since)) if idle => {
-                    let back =
-                        stats.worker_count >= want_workers && stats.worker_count == last_workers;
-                    if stats.worker_count > 0 && (back || since.elapsed() >= RESWARM_WAIT) {
-                        match self.api.swarm(&sw).await {
-                            Ok(()) => {
-                                log!("re-started the test on the new master: {} users at {}/s on {} workers", sw.users, sw.spawn_rate, stats.worker_count);
-                                reswarm_since = None;
-                            }
-                            Err(e) => log!("cannot re-start the test: {e:#}"),
-                        }
+            // Locust's stats are cached ~2 s: give a POST time to show before another.
+            let cooled = last_post.is_none_or(|t| t.elapsed() >= POST_COOLDOWN);
+            if let (true, Some(sw)) = (idle, swarm) {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                let back = stats.worker_count >= want_workers && stats.worker_count == last_workers;
+                if cooled && stats.worker_count > 0 && (back || since.elapsed() >= RESWARM_WAIT) {
+                    last_post = Some(Instant::now());
+                    match self.api.swarm(&sw).await {
+                        Ok(()) => log!(
+                            "re-started the test: {} users at {}/s on {} workers",
+                            sw.users,
+                            sw.spawn_rate,
+                            stats.worker_count
+                        ),
+                        Err(e) => log!("cannot re-start the test: {e:#}"),
                     }
                 }
-                (Some(_), Some(_)) | (None, Some(_)) => reswarm_since = None,
-                _ => {}
+            } else {
+                idle_since = None;
             }
             match swarm {
                 Some(sw)
-                    if reswarm_since.is_none()
-                        && stats.state == "running"
+                    if stats.state == "running"
                         && stats.worker_count > 0
                         && stats.user_count != sw.users =>
                 {
                     let since = *drift_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= DRIFT_GRACE {
+                    if cooled && since.elapsed() >= DRIFT_GRACE {
+                        last_post = Some(Instant::now());
                         match self.api.swarm(&sw).await {
                             Ok(()) => log!(
                                 "restored the test to {} users (it had {})",

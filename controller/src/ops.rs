@@ -70,6 +70,27 @@ pub async fn controller_nodes(fleet: &Fleet) -> Result<Vec<NodeView>> {
     Ok(serde_json::from_slice(&r.body)?)
 }
 
+/// Terminates nodes through the backend, then tells the controller to forget them (best
+/// effort: a controller that is down learns it from the missing heartbeats).
+pub async fn terminate<B: Backend>(fleet: &Fleet, backend: &B, ids: &[String]) -> Result<()> {
+    backend.terminate(ids).await?;
+    if let Ok(client) = fleet.operator_client() {
+        for id in ids {
+            let path = format!("{}/{id}", routes::API_NODES);
+            let _ = client
+                .request(
+                    hyper::Method::DELETE,
+                    &path,
+                    None,
+                    Duration::from_secs(5),
+                    1024,
+                )
+                .await;
+        }
+    }
+    Ok(())
+}
+
 pub async fn scale<B: Backend>(
     fleet: &Fleet,
     backend: &B,
@@ -96,11 +117,11 @@ pub async fn scale<B: Backend>(
         return Ok(report);
     }
     if !p.cleanup.is_empty() {
-        backend.terminate(&p.cleanup).await?;
+        terminate(fleet, backend, &p.cleanup).await?;
     }
     if !p.terminate.is_empty() {
         let pb = bar(p.terminate.len() as u64, output, "terminating");
-        backend.terminate(&p.terminate).await?;
+        terminate(fleet, backend, &p.terminate).await?;
         pb.set_position(p.terminate.len() as u64);
         pb.finish_and_clear();
         report.terminated = p.terminate.clone();

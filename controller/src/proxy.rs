@@ -10,6 +10,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::time::Duration;
+
 use fleet_common::wire::SwarmRequest;
 use http_body_util::Full;
 
@@ -60,9 +62,17 @@ pub async fn locust(State(st): State<Shared>, req: Request) -> Response {
         let form = String::from_utf8_lossy(&body);
         let users = form_value(&form, "user_count").and_then(|v| v.parse::<u64>().ok());
         let rate = form_value(&form, "spawn_rate").and_then(|v| v.parse::<f64>().ok());
+        let run_time = form_value(&form, "run_time")
+            .filter(|v| !v.is_empty())
+            .and_then(|v| {
+                v.parse::<u64>()
+                    .map(Duration::from_secs)
+                    .ok()
+                    .or_else(|| humantime::parse_duration(v).ok())
+            });
         if let (Some(users), Some(spawn_rate)) = (users, rate) {
             st.master
-                .set_swarm(Some(SwarmRequest { users, spawn_rate }));
+                .set_swarm_until(Some(SwarmRequest { users, spawn_rate }), run_time);
         }
     } else if parts.method == axum::http::Method::POST && path == "/stop" {
         st.master.set_swarm(None);

@@ -219,7 +219,7 @@ impl Steward {
         // The master runs its own verified copy, never the directory being edited.
         let dir = self.master_specs.join(&packed.sha256);
         if !dir.exists() {
-            if let Err(e) = bundle::unpack(&packed.bytes, &dir, &Limits::default()) {
+            if let Err(e) = bundle::unpack(&packed.bytes, &dir, &limits) {
                 log!("cannot unpack the spec for the master: {e}");
                 return;
             }

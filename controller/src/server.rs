@@ -56,6 +56,10 @@ pub fn app(state: Shared) -> Router {
     let human = Router::new()
         .route("/", get(dashboard))
         .route(routes::API_NODES, get(api_nodes))
+        .route(
+            &format!("{}/{{id}}", routes::API_NODES),
+            axum::routing::delete(forget_node),
+        )
         .route(routes::API_SPEC, get(api_spec))
         .route(routes::API_MASTER, get(api_master))
         .route(routes::API_SWARM, post(api_swarm))
@@ -222,6 +226,12 @@ async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
 
 async fn api_nodes(State(st): State<Shared>) -> Response {
     Json(st.nodes.list()).into_response()
+}
+
+/// Forgets a node the backend terminated, so it stops showing as silent.
+async fn forget_node(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    st.nodes.forget(&id);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn api_spec(State(st): State<Shared>) -> Response {
