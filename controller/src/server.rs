@@ -103,9 +103,38 @@ async fn require(State((st, role)): State<(Shared, Role)>, req: Request, next: N
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match st.auth.check(authz, peer(&req).ip(), role) {
+        Ok(()) if role == Role::Operator && cross_site(&req) => (
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: the Origin is not this controller\n",
+        )
+            .into_response(),
         Ok(()) => next.run(req).await,
         Err(r) => refuse(r, role),
     }
+}
+
+/// A state-changing request a browser sent from another site. Browsers resend cached basic
+/// auth credentials with any request to us, so a page the operator visits could otherwise
+/// post to `/locust/swarm`; they also always send `Origin` on cross-origin POSTs, which must
+/// then name this very host. The CLI and scripts send no `Origin`.
+fn cross_site(req: &Request) -> bool {
+    use axum::http::Method;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    origin != format!("https://{host}")
 }
 
 /// Unknown paths: still 401 without credentials, so the route table does not leak.
@@ -384,5 +413,34 @@ pub async fn serve_tls(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, origin: Option<&str>) -> Request {
+        let mut b = axum::http::Request::builder()
+            .method(method)
+            .uri("/locust/swarm")
+            .header(header::HOST, "ctl.example:8443");
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn cross_site_posts_are_told_apart() {
+        assert!(cross_site(&req("POST", Some("https://evil.example"))));
+        assert!(cross_site(&req("POST", Some("http://ctl.example:8443"))));
+        assert!(cross_site(&req("DELETE", Some("null"))));
+        assert!(!cross_site(&req("POST", Some("https://ctl.example:8443"))));
+        assert!(!cross_site(&req("POST", None)), "scripts send no Origin");
+        assert!(
+            !cross_site(&req("GET", Some("https://evil.example"))),
+            "reads change nothing"
+        );
     }
 }
