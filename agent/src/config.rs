@@ -2,11 +2,13 @@
 //!
 //! Each source yields a TOML table; later layers override earlier ones key by key:
 //! 1. the config file (`/etc/fleet/agent.toml`, baked into the AMI),
-//! 2. EC2 user-data (a TOML document read over IMDSv2; see `docs/agent-config.md`),
+//! 2. user-data: `--user-data-file`, else EC2 user-data read over IMDSv2 when `imds` is true
+//!    (a TOML document of these same keys; see `docs/user-data.md`),
 //! 3. environment variables `FLEET_AGENT_<KEY>` (through the [`Env`] trait, so tests use a map),
 //! 4. command-line `--set key=value`.
 //!
-//! Fetching a source is kept apart from parsing it: everything here works on strings and maps.
+//! Fetching a source is kept apart from parsing it: everything here works on strings and maps
+//! (the network part is `crate::imds`; [`resolve`] decides what its outcome means).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,8 +36,13 @@ pub struct Config {
     pub verify_key: String,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// Defaults to the EC2 instance id when user-data came from IMDS, else the host name.
+    /// The id in heartbeats. Unset in every layer: the EC2 instance id when IMDS answered (with
+    /// or without user-data), else the host name (`agent::default_node_id`).
     pub node_id: Option<String>,
+    /// Whether to read user-data from IMDS at start. Only the file, env and flag layers decide
+    /// it (see [`Layers::imds`]); `--user-data-file` replaces IMDS whatever it says.
+    #[serde(default = "default_imds")]
+    pub imds: bool,
     #[serde(default = "default_backend")]
     pub backend: String,
     /// Locust workers to run; 0 means one per available CPU.
@@ -78,6 +85,9 @@ pub struct Config {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/fleet-agent")
+}
+fn default_imds() -> bool {
+    true
 }
 fn default_backend() -> String {
     "static".into()
@@ -186,6 +196,7 @@ const KEYS: &[&str] = &[
     "verify_key",
     "state_dir",
     "node_id",
+    "imds",
     "backend",
     "workers",
     "locust",
@@ -215,6 +226,120 @@ pub fn merge(layers: &[Table]) -> Result<Config, String> {
         .map_err(|e: toml::de::Error| format!("agent config: {}", one_line(e.message())))?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// A user-data document (from IMDS or `--user-data-file`) as a config layer; `what` names its
+/// source in errors. It must be UTF-8 TOML: a shell script or a gzip'd document is refused.
+pub fn parse_user_data(what: &str, raw: &[u8]) -> Result<Table, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| {
+        format!("user-data from {what} is not UTF-8 text; it must be a TOML agent config (docs/user-data.md)")
+    })?;
+    text.parse::<Table>().map_err(|e| {
+        format!(
+            "user-data from {what} is not a TOML agent config (docs/user-data.md): {}",
+            one_line(&e.to_string())
+        )
+    })
+}
+
+/// The layers before merging. `user_data` is filled from `--user-data-file` or IMDS.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    pub file: Table,
+    pub user_data: Option<Table>,
+    pub env: Table,
+    pub flags: Table,
+}
+
+impl Layers {
+    /// Whether to read user-data from IMDS: the `imds` key from the file, env and flag layers
+    /// (later wins), default true. User-data cannot decide it: it is what would be fetched.
+    pub fn imds(&self) -> Result<bool, String> {
+        let v = [&self.flags, &self.env, &self.file]
+            .into_iter()
+            .find_map(|t| t.get("imds"));
+        match v {
+            None => Ok(default_imds()),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(other) => Err(format!(
+                "agent config: imds must be true or false, not {other}"
+            )),
+        }
+    }
+
+    /// Merges file, user-data, env and flags. `instance_id` (IMDS answered) is the `node_id`
+    /// when no layer sets one.
+    pub fn merge(&self, instance_id: Option<&str>) -> Result<Config, String> {
+        let mut layers = vec![self.file.clone()];
+        layers.extend(self.user_data.clone());
+        layers.push(self.env.clone());
+        layers.push(self.flags.clone());
+        let mut cfg = merge(&layers)?;
+        if cfg.node_id.is_none() {
+            cfg.node_id = instance_id.map(str::to_string);
+        }
+        Ok(cfg)
+    }
+}
+
+/// How the user-data step went, reduced to what merging needs.
+#[derive(Debug, Clone)]
+pub enum UserData {
+    /// `--user-data-file` was given, or `imds = false`: nothing (more) to add.
+    NotFetched,
+    /// IMDS answered; `raw` is `None` when the instance has no user-data (404).
+    Imds {
+        endpoint: String,
+        instance_id: String,
+        raw: Option<Vec<u8>>,
+    },
+    /// IMDS could not be used (unreachable after the retries, or turned off): the error line.
+    Unavailable(String),
+}
+
+/// The merged config, plus one line worth logging about where user-data came from.
+///
+/// - IMDS answered: its user-data (if any) is the user-data layer, and the instance id the
+///   default `node_id`. User-data that is not UTF-8 TOML is an error, never skipped.
+/// - IMDS unavailable: if the other layers alone make a valid config, that config and a line
+///   saying so; otherwise an error naming the endpoint and what is missing.
+pub fn resolve(mut layers: Layers, ud: UserData) -> Result<(Config, Option<String>), String> {
+    match ud {
+        UserData::NotFetched => Ok((layers.merge(None)?, None)),
+        UserData::Imds {
+            endpoint,
+            instance_id,
+            raw,
+        } => {
+            let note = match &raw {
+                Some(raw) => {
+                    let what = format!("IMDS {endpoint}");
+                    layers.user_data = Some(parse_user_data(&what, raw)?);
+                    format!(
+                        "instance {instance_id}: {} bytes of user-data from IMDS {endpoint}",
+                        raw.len()
+                    )
+                }
+                None => format!("instance {instance_id}: no user-data at IMDS {endpoint}"),
+            };
+            let cfg = layers.merge(Some(&instance_id)).map_err(|e| match raw {
+                Some(_) => e,
+                None => {
+                    format!("{e} (and IMDS {endpoint} has no user-data for instance {instance_id})")
+                }
+            })?;
+            Ok((cfg, Some(note)))
+        }
+        UserData::Unavailable(why) => match layers.merge(None) {
+            Ok(cfg) => Ok((
+                cfg,
+                Some(format!(
+                    "{why}; continuing without user-data (the other config layers are complete)"
+                )),
+            )),
+            Err(e) => Err(format!("{why}; user-data is needed: {e}")),
+        },
+    }
 }
 
 impl Config {
@@ -350,5 +475,79 @@ mod tests {
             .unwrap_err()
             .starts_with("user-data:"));
         assert!(flag_source(&["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn imds_is_decided_by_file_env_and_flags_only() {
+        let mut l = Layers {
+            file: file(),
+            ..Layers::default()
+        };
+        assert!(l.imds().unwrap(), "on by default");
+        l.file.insert("imds".into(), false.into());
+        assert!(!l.imds().unwrap());
+        let mut env = BTreeMap::new();
+        env.insert("FLEET_AGENT_IMDS".to_string(), "true".to_string());
+        l.env = env_source(&env);
+        assert!(l.imds().unwrap(), "env overrides the file");
+        l.flags = flag_source(&["imds=false".into()]).unwrap();
+        assert!(!l.imds().unwrap(), "flags override env");
+        l.flags = flag_source(&["imds=yes".into()]).unwrap();
+        assert!(l.imds().unwrap_err().contains("imds must be true or false"));
+        // User-data cannot turn off its own fetch; in user-data the key is accepted and moot.
+        let l = Layers {
+            file: file(),
+            user_data: Some(parse_source("u", "imds = false").unwrap()),
+            ..Layers::default()
+        };
+        assert!(l.imds().unwrap());
+        assert!(!l.merge(None).unwrap().imds);
+    }
+
+    #[test]
+    fn resolve_layers_user_data_and_the_instance_id() {
+        let base = Layers {
+            file: file(),
+            ..Layers::default()
+        };
+        let (cfg, note) = resolve(base.clone(), UserData::NotFetched).unwrap();
+        assert_eq!((cfg.node_id, note), (None, None));
+
+        let ud = UserData::Imds {
+            endpoint: "http://169.254.169.254".into(),
+            instance_id: "i-0abc".into(),
+            raw: Some(b"workers = 6\n".to_vec()),
+        };
+        let (cfg, note) = resolve(base.clone(), ud).unwrap();
+        assert_eq!(cfg.node_id.as_deref(), Some("i-0abc"));
+        assert_eq!(cfg.workers, 6);
+        assert!(note.unwrap().contains("i-0abc"));
+
+        // IMDS answered without user-data: the instance id still names the node.
+        let ud = UserData::Imds {
+            endpoint: "http://169.254.169.254".into(),
+            instance_id: "i-0abc".into(),
+            raw: None,
+        };
+        let (cfg, _) = resolve(base.clone(), ud.clone()).unwrap();
+        assert_eq!(cfg.node_id.as_deref(), Some("i-0abc"));
+        assert_eq!(cfg.workers, 2);
+        let e = resolve(Layers::default(), ud).unwrap_err();
+        assert!(e.ends_with("has no user-data for instance i-0abc)"), "{e}");
+
+        let gone = || UserData::Unavailable("IMDS at http://169.254.169.254 unreachable".into());
+        let (cfg, note) = resolve(base, gone()).unwrap();
+        assert_eq!(cfg.node_id, None);
+        assert!(note.unwrap().contains("continuing without user-data"));
+        let e = resolve(Layers::default(), gone()).unwrap_err();
+        assert!(
+            e.starts_with(
+                "IMDS at http://169.254.169.254 unreachable; user-data is needed: agent config:"
+            ),
+            "{e}"
+        );
+
+        let e = parse_user_data("/tmp/ud", &[0x1f, 0x8b, 0x08, 0xff]).unwrap_err();
+        assert!(e.contains("/tmp/ud") && e.contains("not UTF-8"), "{e}");
     }
 }

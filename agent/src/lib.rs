@@ -3,4 +3,5 @@
 
 pub mod agent;
 pub mod config;
+pub mod imds;
 pub mod supervisor;

@@ -1,9 +1,11 @@
 //! `fleet-agent [--config PATH] [--user-data-file PATH] [--set key=value]...`
 //!
-//! Exit codes: 0 after SIGTERM/SIGINT, 64 (EX_USAGE) for a bad command line or config, 1 for
-//! anything that stops the agent at run time. Errors are one line on stderr.
+//! Exit codes: 0 after SIGTERM/SIGINT, 64 (EX_USAGE) for a bad command line, config or
+//! user-data (including IMDS unreachable when the config needs user-data), 1 for anything that
+//! stops the agent at run time. Errors are one line on stderr. User-data: docs/user-data.md.
 
-use fleet_agent::config::{self, Table, DEFAULT_CONFIG_PATH};
+use fleet_agent::config::{self, Layers, ProcessEnv, UserData, DEFAULT_CONFIG_PATH};
+use fleet_agent::imds::{self, ImdsClient};
 
 const USAGE: &str =
     "usage: fleet-agent [--config PATH] [--user-data-file PATH] [--set key=value]... [--version]";
@@ -32,7 +34,9 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             "--help" | "-h" => {
-                println!("{USAGE}\nConfig keys and sources: docs/agent-config.md");
+                println!(
+                    "{USAGE}\nConfig keys and sources: docs/agent-config.md; user-data: docs/user-data.md"
+                );
                 std::process::exit(0);
             }
             "--config" => a.config = Some(value("--config")?),
@@ -44,57 +48,86 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn load(args: &Args) -> Result<config::Config, String> {
+/// Reads the config layers, then user-data (file or IMDS), and merges them.
+async fn load(args: &Args) -> Result<config::Config, String> {
     let env_config = std::env::var("FLEET_AGENT_CONFIG").ok();
     let (path, explicit) = match (&args.config, env_config) {
         (Some(p), _) => (p.clone(), true),
         (None, Some(p)) => (p, true),
         (None, None) => (DEFAULT_CONFIG_PATH.to_string(), false),
     };
-    let mut layers: Vec<Table> = vec![];
+    let mut layers = Layers::default();
     match std::fs::read_to_string(&path) {
-        Ok(text) => layers.push(config::parse_source(&path, &text)?),
+        Ok(text) => layers.file = config::parse_source(&path, &text)?,
         Err(e) if explicit || e.kind() != std::io::ErrorKind::NotFound => {
             return Err(format!("cannot read config {path}: {e}"))
         }
         Err(_) => {}
     }
-    if let Some(p) = &args.user_data {
-        let text =
-            std::fs::read_to_string(p).map_err(|e| format!("cannot read user-data {p}: {e}"))?;
-        layers.push(config::parse_source("user-data", &text)?);
+    layers.env = config::env_source(&ProcessEnv);
+    layers.flags = config::flag_source(&args.sets)?;
+    let user_data = if let Some(p) = &args.user_data {
+        let raw = std::fs::read(p).map_err(|e| format!("cannot read user-data {p}: {e}"))?;
+        layers.user_data = Some(config::parse_user_data(p, &raw)?);
+        UserData::NotFetched
+    } else if layers.imds()? {
+        let text = |e: imds::ImdsError| e.to_string();
+        let endpoint = imds::endpoint_from_env(&ProcessEnv).map_err(text)?;
+        let client = ImdsClient::new(&endpoint).map_err(text)?;
+        client.user_data().await.map_err(text)?
+    } else {
+        UserData::NotFetched
+    };
+    let (cfg, note) = config::resolve(layers, user_data)?;
+    if let Some(note) = note {
+        log(&note);
     }
-    layers.push(config::env_source(&config::ProcessEnv));
-    layers.push(config::flag_source(&args.sets)?);
-    config::merge(&layers)
+    Ok(cfg)
 }
 
-fn main() {
+fn log(line: &str) {
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+    eprintln!("{now} fleet-agent: {line}");
+}
+
+enum Failure {
+    /// A bad command line, config or user-data: exit 64.
+    Usage(String),
+    /// Anything that stops the agent once it runs: exit 1.
+    Runtime(String),
+}
+
+async fn run() -> Result<(), Failure> {
+    let args = parse_args().map_err(Failure::Usage)?;
+    let cfg = load(&args).await.map_err(Failure::Usage)?;
     // Everything checkable is checked before starting: the secrets and the CA must be
     // readable and valid, or the agent exits 64 with one line instead of retrying forever.
-    let checked = parse_args().and_then(|a| load(&a)).and_then(|c| {
-        let ca = c.ca_pem()?;
-        fleet_common::client::tls_config(&ca).map_err(|e| e.to_string())?;
-        c.token()?;
-        Ok(c)
-    });
-    let cfg = match checked {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fleet-agent: {e}");
-            std::process::exit(64);
-        }
-    };
+    let ca = cfg.ca_pem().map_err(Failure::Usage)?;
+    fleet_common::client::tls_config(&ca).map_err(|e| Failure::Usage(e.to_string()))?;
+    cfg.token().map_err(Failure::Usage)?;
     let node_id = cfg
         .node_id
         .clone()
         .unwrap_or_else(fleet_agent::agent::default_node_id);
+    fleet_agent::agent::run(cfg, node_id)
+        .await
+        .map_err(Failure::Runtime)
+}
+
+fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = rt.block_on(fleet_agent::agent::run(cfg, node_id)) {
-        eprintln!("fleet-agent: {e}");
-        std::process::exit(1);
+    match rt.block_on(run()) {
+        Ok(()) => {}
+        Err(Failure::Usage(e)) => {
+            eprintln!("fleet-agent: {e}");
+            std::process::exit(64);
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("fleet-agent: {e}");
+            std::process::exit(1);
+        }
     }
 }

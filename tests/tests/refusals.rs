@@ -439,6 +439,8 @@ impl Agent {
             dir.path().join("state").display().to_string().into(),
         );
         set("node_id", "refusals-node".into());
+        // Configured by this file alone: never ask an instance metadata service.
+        set("imds", false.into());
         set("workers", 1.into());
         set(
             "worker_command",
