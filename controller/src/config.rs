@@ -35,6 +35,91 @@ pub struct FleetConfig {
     pub agents: AgentsConfig,
     #[serde(default)]
     pub local: LocalConfig,
+    #[serde(default)]
+    pub ec2: Ec2Config,
+    #[serde(default)]
+    pub asg: AsgConfig,
+    #[serde(default)]
+    pub scale: ScaleConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// Safety cap: `fleet scale` refuses more nodes than this on any backend.
+    #[serde(default = "default_max_nodes")]
+    pub max_nodes: usize,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig {
+            max_nodes: default_max_nodes(),
+        }
+    }
+}
+
+fn default_max_nodes() -> usize {
+    1000
+}
+
+/// What EC2 nodes are made of (`ec2` and `asg` backends). See docs/ec2.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Config {
+    /// Region; unset: the standard chain (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// An EC2/Auto Scaling endpoint other than AWS's (tests: moto behind the emulator).
+    pub endpoint_url: Option<String>,
+    /// The AMI with the agent baked in (packer/ writes it).
+    #[serde(default)]
+    pub ami: String,
+    /// Instance types in order of preference; capacity errors fall over to the next.
+    #[serde(default)]
+    pub instance_types: Vec<String>,
+    /// Subnets to spread over (their AZs); capacity errors fall over to the others.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    pub key_name: Option<String>,
+    /// Instance profile name or ARN.
+    pub instance_profile: Option<String>,
+    /// Spot instances (one-time, terminate on interruption).
+    #[serde(default)]
+    pub spot: bool,
+    /// Agents power their node off after this long (the instance then terminates).
+    pub max_lifetime_s: Option<u64>,
+    /// Most instances asked of one RunInstances call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Speeds up the client-side buckets to match a time-scaled emulator. 1.0 for AWS.
+    #[serde(default = "default_time_scale")]
+    pub time_scale: f64,
+    /// Extra agent settings written into the user-data (e.g. `workers`).
+    #[serde(default)]
+    pub agent_settings: toml::Table,
+}
+
+impl Default for Ec2Config {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_max_batch() -> usize {
+    500
+}
+fn default_time_scale() -> f64 {
+    1.0
+}
+
+/// The `asg` backend's group (its instances are made from `[ec2]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsgConfig {
+    /// Group name; default `fleet-<name>`. The launch template gets the same name.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

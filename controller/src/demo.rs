@@ -57,16 +57,8 @@ pub async fn demo(dir: &Path, o: &DemoOptions) -> Result<()> {
     )
     .await;
     if let Err(e) = r {
-        let _ = local
-            .terminate(
-                &local
-                    .observe()
-                    .await?
-                    .into_iter()
-                    .map(|n| n.id)
-                    .collect::<Vec<_>>(),
-            )
-            .await;
+        let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
+        let _ = crate::ops::terminate(&fleet, &local, &ids, Output::Text).await;
         controller.stop().await;
         return Err(e);
     }
@@ -124,7 +116,7 @@ pub async fn demo(dir: &Path, o: &DemoOptions) -> Result<()> {
     }
     println!("stopping agents and the controller…");
     let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
-    local.terminate(&ids).await?;
+    crate::ops::terminate(&fleet, &local, &ids, Output::Text).await?;
     controller.stop().await;
     Ok(())
 }

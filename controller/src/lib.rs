@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod aws;
 pub mod backend;
 pub mod config;
 pub mod demo;
@@ -15,6 +16,7 @@ pub mod secrets;
 pub mod serve;
 pub mod server;
 pub mod target;
+pub mod userdata;
 
 /// One timestamped line on stderr: the controller's log.
 pub fn log(args: std::fmt::Arguments<'_>) {

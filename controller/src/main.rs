@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use fleet::backend::any::AnyBackend;
 use fleet::backend::local::Local;
 use fleet::backend::Backend;
 use fleet::config::Fleet;
@@ -36,7 +37,22 @@ enum OutputArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
+    /// Agents as processes on this machine.
     Local,
+    /// EC2 instances launched with RunInstances, found by their `fleet` tag.
+    Ec2,
+    /// An Auto Scaling group sized with SetDesiredCapacity.
+    Asg,
+}
+
+async fn backend(fleet: &Fleet, b: BackendArg) -> Result<AnyBackend> {
+    Ok(match b {
+        BackendArg::Local => AnyBackend::Local(Box::new(Local::new(fleet))),
+        BackendArg::Ec2 => {
+            AnyBackend::Ec2(Box::new(fleet::backend::ec2::Ec2::new(fleet, "ec2").await?))
+        }
+        BackendArg::Asg => AnyBackend::Asg(Box::new(fleet::backend::asg::Asg::new(fleet).await?)),
+    })
 }
 
 #[derive(Subcommand)]
@@ -77,9 +93,14 @@ enum Cmd {
         /// Print the plan, change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Seconds to wait for the agents to check in.
+        /// Seconds to wait for the agents to check in (0: do not wait).
         #[arg(long, default_value_t = 120)]
         wait: u64,
+    },
+    /// Print the EC2 user-data a node needs (the agent reads it over IMDSv2).
+    UserData {
+        #[arg(long, value_enum, default_value = "ec2")]
+        backend: BackendArg,
     },
     /// Terminate every node the fleet owns.
     Down {
@@ -211,19 +232,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Scale {
             nodes,
-            backend: BackendArg::Local,
+            backend: b,
             dry_run,
             wait,
         } => {
-            if nodes < 0 {
-                bail!("--nodes must be 0 or more (got {nodes})");
-            }
             let fleet = Fleet::load(&cli.dir)?;
-            let local = Local::new(&fleet);
+            // Bad input fails before any AWS client is made or anything launched.
+            let nodes = ops::check_nodes(&fleet, nodes)?;
+            let be = backend(&fleet, b).await?;
             let r = ops::scale(
                 &fleet,
-                &local,
-                nodes as usize,
+                &be,
+                nodes,
                 dry_run,
                 Duration::from_secs(wait),
                 output,
@@ -251,24 +271,34 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Down {
-            backend: BackendArg::Local,
-        } => {
+        Cmd::UserData { backend: b } => {
             let fleet = Fleet::load(&cli.dir)?;
-            let local = Local::new(&fleet);
-            let ids: Vec<String> = local.observe().await?.into_iter().map(|n| n.id).collect();
-            ops::terminate(&fleet, &local, &ids).await?;
+            let name = match b {
+                BackendArg::Local => "local",
+                BackendArg::Ec2 => "ec2",
+                BackendArg::Asg => "asg",
+            };
+            print!("{}", fleet::userdata::render(&fleet, name)?);
+        }
+        Cmd::Down { backend: b } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let be = backend(&fleet, b).await?;
+            let ids: Vec<String> = be.observe().await?.into_iter().map(|n| n.id).collect();
+            if be.set_desired(0).await? {
+                ops::forget(&fleet, &ids).await;
+            } else {
+                ops::terminate(&fleet, &be, &ids, output).await?;
+            }
+            be.teardown().await?;
             if output == Output::Json {
                 print_json(&serde_json::json!({ "terminated": ids }));
             } else {
                 println!("terminated {} nodes", ids.len());
             }
         }
-        Cmd::Status {
-            backend: BackendArg::Local,
-        } => {
+        Cmd::Status { backend: b } => {
             let fleet = Fleet::load(&cli.dir)?;
-            let observed = Local::new(&fleet).observe().await?;
+            let observed = backend(&fleet, b).await?.observe().await?;
             let views = ops::controller_nodes(&fleet).await?;
             let rows = ops::join_status(&observed, &views);
             if output == Output::Json {

@@ -72,8 +72,24 @@ pub async fn controller_nodes(fleet: &Fleet) -> Result<Vec<NodeView>> {
 
 /// Terminates nodes through the backend, then tells the controller to forget them (best
 /// effort: a controller that is down learns it from the missing heartbeats).
-pub async fn terminate<B: Backend>(fleet: &Fleet, backend: &B, ids: &[String]) -> Result<()> {
-    backend.terminate(ids).await?;
+pub async fn terminate<B: Backend>(
+    fleet: &Fleet,
+    backend: &B,
+    ids: &[String],
+    output: Output,
+) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let pb = bar(ids.len() as u64, output, "terminating");
+    backend.terminate(ids, &pb).await?;
+    pb.finish_and_clear();
+    forget(fleet, ids).await;
+    Ok(())
+}
+
+/// Tells the controller to forget nodes (best effort).
+pub async fn forget(fleet: &Fleet, ids: &[String]) {
     if let Ok(client) = fleet.operator_client() {
         for id in ids {
             let path = format!("{}/{id}", routes::API_NODES);
@@ -88,7 +104,18 @@ pub async fn terminate<B: Backend>(fleet: &Fleet, backend: &B, ids: &[String]) -
                 .await;
         }
     }
-    Ok(())
+}
+
+/// Checks a requested node count against the fleet's safety cap.
+pub fn check_nodes(fleet: &Fleet, nodes: i64) -> Result<usize> {
+    if nodes < 0 {
+        bail!("--nodes must be 0 or more (got {nodes})");
+    }
+    let cap = fleet.config.scale.max_nodes;
+    if nodes as usize > cap {
+        bail!("--nodes {nodes} is over the safety cap of {cap} (scale.max_nodes in fleet.toml); raise the cap to go higher");
+    }
+    Ok(nodes as usize)
 }
 
 pub async fn scale<B: Backend>(
@@ -100,6 +127,9 @@ pub async fn scale<B: Backend>(
     output: Output,
 ) -> Result<ScaleReport> {
     let t0 = Instant::now();
+    if !dry_run {
+        backend.recover().await?;
+    }
     let observed = backend.observe().await?;
     let p = plan(desired, &observed);
     let mut report = ScaleReport {
@@ -116,40 +146,57 @@ pub async fn scale<B: Backend>(
     if dry_run {
         return Ok(report);
     }
-    if !p.cleanup.is_empty() {
-        terminate(fleet, backend, &p.cleanup).await?;
-    }
-    if !p.terminate.is_empty() {
-        let pb = bar(p.terminate.len() as u64, output, "terminating");
-        terminate(fleet, backend, &p.terminate).await?;
-        pb.set_position(p.terminate.len() as u64);
-        pb.finish_and_clear();
+    let live = if backend.set_desired(desired).await? {
+        wait_live(backend, desired, wait.max(Duration::from_secs(60)), output).await?
+    } else {
+        terminate(fleet, backend, &p.cleanup, output).await?;
+        terminate(fleet, backend, &p.terminate, output).await?;
         report.terminated = p.terminate.clone();
-    }
-    if p.launch > 0 {
-        let pb = bar(p.launch as u64, output, "launching");
-        let launched = backend.launch(p.launch).await?;
-        pb.set_position(launched.len() as u64);
-        pb.finish_and_clear();
-        report.launched = launched.into_iter().map(|n| n.id).collect();
-    }
-    let live: Vec<NodeInfo> = backend
-        .observe()
-        .await?
-        .into_iter()
-        .filter(|n| n.live)
-        .collect();
+        if p.launch > 0 {
+            let pb = bar(p.launch as u64, output, "launching");
+            let launched = backend.launch(p.launch, &pb).await?;
+            pb.finish_and_clear();
+            report.launched = launched.into_iter().map(|n| n.id).collect();
+        }
+        wait_live(backend, desired, Duration::from_secs(30), output).await?
+    };
     report.live = live.len();
-    if live.len() != desired {
-        bail!(
-            "{} live nodes after scaling, {desired} wanted; see {}/<node>/agent.log",
-            live.len(),
-            fleet.local_dir().display()
-        );
+    // `--wait 0`: launch and return, without waiting for the agents to check in.
+    if !wait.is_zero() {
+        report.connected = wait_connected(fleet, &live, wait, output).await?;
     }
-    report.connected = wait_connected(fleet, &live, wait, output).await?;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Waits until the backend shows exactly `desired` live nodes (EC2's reads are eventually
+/// consistent; an Auto Scaling group takes its time).
+async fn wait_live<B: Backend>(
+    backend: &B,
+    desired: usize,
+    wait: Duration,
+    output: Output,
+) -> Result<Vec<NodeInfo>> {
+    let pb = bar(desired as u64, output, "nodes up");
+    let deadline = Instant::now() + wait;
+    loop {
+        let live: Vec<NodeInfo> = backend
+            .observe()
+            .await?
+            .into_iter()
+            .filter(|n| n.live)
+            .collect();
+        pb.set_position(live.len().min(desired) as u64);
+        if live.len() == desired {
+            pb.finish_and_clear();
+            return Ok(live);
+        }
+        if Instant::now() >= deadline {
+            pb.finish_and_clear();
+            bail!("{} live nodes after scaling, {desired} wanted; run `fleet scale` again to converge", live.len());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until every live node's agent runs a bundle and heartbeats; returns how many do.
@@ -190,12 +237,14 @@ async fn wait_connected(
                 .filter(|n| !connected.iter().any(|c| c.id == n.id))
                 .map(|n| n.id.as_str())
                 .collect();
+            let shown: Vec<&str> = missing.iter().take(10).copied().collect();
             bail!(
-                "{} of {} agents did not check in within {:?}: {}; see {}/<node>/agent.log",
+                "{} of {} agents did not check in within {:?}: {}{}; see their agent logs (local nodes: {}/<node>/agent.log)",
                 missing.len(),
                 live.len(),
                 wait,
-                missing.join(", "),
+                shown.join(", "),
+                if missing.len() > shown.len() { ", ..." } else { "" },
                 fleet.local_dir().display()
             );
         }
@@ -208,6 +257,9 @@ pub struct StatusRow {
     pub id: String,
     pub state: String,
     pub place: String,
+    pub kind: String,
+    /// Unix seconds.
+    pub launched: u64,
     pub running: Option<String>,
     pub sequence: Option<u64>,
     pub status: Option<String>,
@@ -232,6 +284,8 @@ pub fn join_status(observed: &[NodeInfo], views: &[NodeView]) -> Vec<StatusRow> 
                 id: n.id.clone(),
                 state: n.state.clone(),
                 place: n.place.clone(),
+                kind: n.kind.clone(),
+                launched: n.launched,
                 running: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sha256.clone())),
                 sequence: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sequence)),
                 status: v.map(|v| v.heartbeat.status.clone()),
@@ -252,16 +306,27 @@ pub fn join_status(observed: &[NodeInfo], views: &[NodeView]) -> Vec<StatusRow> 
 }
 
 pub fn print_status(rows: &[StatusRow]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     println!(
-        "{:<14} {:<8} {:<12} {:<13} {:>4} {:<16} {:<20} {:>8}",
-        "NODE", "STATE", "PLACE", "BUNDLE", "SEQ", "AGENT", "WORKERS", "HB AGE"
+        "{:<20} {:<10} {:<11} {:<10} {:>7} {:<13} {:>4} {:<16} {:<16} {:>7}",
+        "NODE", "STATE", "PLACE", "TYPE", "UP", "BUNDLE", "SEQ", "AGENT", "WORKERS", "HB AGE"
     );
     for r in rows {
+        let up = if r.launched > 0 {
+            format!("{}s", now.saturating_sub(r.launched))
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<14} {:<8} {:<12} {:<13} {:>4} {:<16} {:<20} {:>8}{}",
+            "{:<20} {:<10} {:<11} {:<10} {:>7} {:<13} {:>4} {:<16} {:<16} {:>7}{}",
             r.id,
             r.state,
             r.place,
+            r.kind,
+            up,
             r.running
                 .as_deref()
                 .map(|s| &s[..12.min(s.len())])
@@ -280,5 +345,9 @@ pub fn print_status(rows: &[StatusRow]) {
                 .unwrap_or_else(|| "-".into()),
             if r.silent { "  SILENT" } else { "" }
         );
+    }
+    let silent = rows.iter().filter(|r| r.silent).count();
+    if silent > 0 {
+        println!("{silent} node(s) running but silent (no heartbeat for {SILENT_AFTER_S} s): check their agent logs");
     }
 }

@@ -6,6 +6,8 @@
 //! listens on 127.0.0.1.
 #![forbid(unsafe_code)]
 
+pub mod aws;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use indicatif::ProgressBar;
+
 use super::{Backend, NodeInfo};
 use crate::config::Fleet;
 
@@ -95,6 +97,8 @@ impl Local {
         );
         t.insert("node_id".into(), id.into());
         t.insert("backend".into(), "local".into());
+        // Local agents are configured by this file alone: no user-data over IMDS.
+        t.insert("imds".into(), false.into());
         t.insert("workers".into(), i64::from(l.workers).into());
         t.insert("locust".into(), l.locust.clone().into());
         if let Some(cmd) = &l.worker_command {
@@ -140,6 +144,7 @@ impl Local {
             state: "running".into(),
             live: true,
             place: "localhost".into(),
+            kind: "process".into(),
             launched: now_s(),
         })
     }
@@ -179,6 +184,7 @@ impl Backend for Local {
                 state: if live { "running" } else { "dead" }.into(),
                 live,
                 place: "localhost".into(),
+                kind: "process".into(),
                 launched,
             });
         }
@@ -186,7 +192,7 @@ impl Backend for Local {
         Ok(out)
     }
 
-    async fn launch(&self, count: usize) -> Result<Vec<NodeInfo>> {
+    async fn launch(&self, count: usize, progress: &ProgressBar) -> Result<Vec<NodeInfo>> {
         std::fs::create_dir_all(self.dir())?;
         let taken: std::collections::HashSet<String> =
             self.observe().await?.into_iter().map(|n| n.id).collect();
@@ -199,11 +205,12 @@ impl Backend for Local {
                 continue;
             }
             out.push(self.launch_one(&id)?);
+            progress.set_position(out.len() as u64);
         }
         Ok(out)
     }
 
-    async fn terminate(&self, ids: &[String]) -> Result<()> {
+    async fn terminate(&self, ids: &[String], progress: &ProgressBar) -> Result<()> {
         let mut pids = vec![];
         for id in ids {
             anyhow::ensure!(
@@ -226,6 +233,7 @@ impl Backend for Local {
         for id in ids {
             let _ = std::fs::remove_dir_all(self.dir().join(id));
         }
+        progress.set_position(ids.len() as u64);
         Ok(())
     }
 }

@@ -1,11 +1,16 @@
 //! Where nodes come from. `fleet scale`, `fleet down` and `fleet status` run the same code on
 //! every backend; a backend only observes, launches and terminates the fleet's own nodes.
 
+pub mod any;
+pub mod asg;
+pub mod ec2;
+pub mod launcher;
 pub mod local;
 
 use std::future::Future;
 
 use anyhow::Result;
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 /// A node as its backend sees it.
@@ -19,18 +24,41 @@ pub struct NodeInfo {
     pub live: bool,
     /// Where it runs: an AZ, or `localhost`.
     pub place: String,
+    /// What it is: an instance type, or `process`.
+    pub kind: String,
     /// Unix seconds.
     pub launched: u64,
 }
 
 pub trait Backend {
     fn name(&self) -> &'static str;
+    /// Finishes what an interrupted run left half done (before anything is observed).
+    fn recover(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
     /// The fleet's nodes, live or not.
     fn observe(&self) -> impl Future<Output = Result<Vec<NodeInfo>>> + Send;
     /// Launches up to `count` nodes; returns those launched.
-    fn launch(&self, count: usize) -> impl Future<Output = Result<Vec<NodeInfo>>> + Send;
+    fn launch(
+        &self,
+        count: usize,
+        progress: &ProgressBar,
+    ) -> impl Future<Output = Result<Vec<NodeInfo>>> + Send;
     /// Terminates these nodes (and forgets dead ones).
-    fn terminate(&self, ids: &[String]) -> impl Future<Output = Result<()>> + Send;
+    fn terminate(
+        &self,
+        ids: &[String],
+        progress: &ProgressBar,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// A backend that sizes itself (an Auto Scaling group) takes the desired number here and
+    /// answers true; the others answer false and are converged node by node.
+    fn set_desired(&self, _desired: usize) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
+    }
+    /// Removes what the backend created besides nodes (an Auto Scaling group) after `down`.
+    fn teardown(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// What to do next to get from `observed` to `desired` live nodes.
@@ -83,6 +111,7 @@ mod tests {
             state: if live { "running" } else { "dead" }.into(),
             live,
             place: "x".into(),
+            kind: "t".into(),
             launched,
         }
     }
