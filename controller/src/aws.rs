@@ -6,6 +6,7 @@
 use anyhow::{anyhow, Result};
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 
@@ -61,10 +62,9 @@ pub enum Failure {
 }
 
 /// Classifies an SDK error and writes its one line.
-pub fn classify<E, R>(what: &str, e: &SdkError<E, R>) -> Failure
+pub fn classify<E>(what: &str, e: &SdkError<E, HttpResponse>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let code = e.code().unwrap_or("");
     let msg = e.message().unwrap_or("").to_string();
@@ -92,7 +92,10 @@ where
                 Failure::Fatal(format!(
                     "{what}: no AWS credentials found; set AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, log in with SSO, or run with an instance role"
                 ))
-            } else if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_)) {
+            } else if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_))
+                || e.raw_response().is_some_and(|r| r.status().is_server_error())
+            {
+                // No code, but the network or a 5xx: retried, with the same token.
                 Failure::Transient
             } else {
                 Failure::Fatal(format!("{what}: {}", short(e)))
@@ -103,10 +106,9 @@ where
 }
 
 /// A fatal error's line, or a generic one for the others.
-pub fn line<E, R>(what: &str, e: &SdkError<E, R>) -> anyhow::Error
+pub fn line<E>(what: &str, e: &SdkError<E, HttpResponse>) -> anyhow::Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     match classify(what, e) {
         Failure::Fatal(l) => anyhow!(l),
@@ -123,20 +125,12 @@ where
 
 /// A short description of a failure without an AWS error code: the HTTP status, or the
 /// transport error's own words.
-fn short<E, R>(e: &SdkError<E, R>) -> String
+fn short<E>(e: &SdkError<E, HttpResponse>) -> String
 where
     E: std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
-    if let SdkError::ServiceError(se) = e {
-        let raw = format!("{:?}", se.raw());
-        if let Some(i) = raw.find("StatusCode(") {
-            let code: String = raw[i + 11..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect();
-            return format!("HTTP {code}");
-        }
+    if let Some(r) = e.raw_response() {
+        return format!("HTTP {}", r.status().as_u16());
     }
     let full = DisplayErrorContext(e).to_string().replace('\n', " ");
     full.chars().take(200).collect()

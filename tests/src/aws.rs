@@ -122,7 +122,7 @@ impl Moto {
     /// A VPC with one subnet per AZ in `azs`; returns the subnet ids in order and an AMI id.
     pub fn network(&self, azs: &[&str]) -> (Vec<String>, String) {
         let out = self.boto(&format!(
-            "vpc = ec2.create_vpc(CidrBlock='10.0.0.0/16')['Vpc']['VpcId']\nsubnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f'10.0.{{i}}.0/24', AvailabilityZone=az)['Subnet']['SubnetId'] for i, az in enumerate({azs:?})]\nami = ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']\nprint(json.dumps([subnets, ami]))"
+            "vpc = ec2.create_vpc(CidrBlock='10.0.0.0/16')['Vpc']['VpcId']\nsubnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f'10.0.{{i * 16}}.0/20', AvailabilityZone=az)['Subnet']['SubnetId'] for i, az in enumerate({azs:?})]\nami = ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']\nprint(json.dumps([subnets, ami]))"
         ));
         serde_json::from_str(out.trim()).expect("network json")
     }
