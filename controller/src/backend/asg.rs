@@ -211,9 +211,36 @@ impl Backend for Asg {
     }
 
     async fn set_desired(&self, desired: usize) -> Result<bool> {
-        self.ec2.preflight().await?;
-        self.ensure_template().await?;
-        self.ensure_group().await?;
+        if desired == 0 {
+            // Scaling to nothing (or `down`) must work even when the AMI or subnets are gone,
+            // and must not create a group just to empty it.
+            self.ec2.check_region().await?;
+            if self.describe().await?.is_none() {
+                return Ok(true);
+            }
+        } else {
+            self.ec2.preflight().await?;
+            self.ensure_template().await?;
+            self.ensure_group().await?;
+            // A group made under a lower scale.max_nodes is raised to the current cap.
+            let cap = self.fleet.config.scale.max_nodes as i32;
+            if self
+                .describe()
+                .await?
+                .and_then(|g| g.max_size())
+                .is_some_and(|m| m < cap)
+            {
+                self.ec2
+                    .clients
+                    .asg
+                    .update_auto_scaling_group()
+                    .auto_scaling_group_name(&self.group)
+                    .max_size(cap)
+                    .send()
+                    .await
+                    .map_err(|e| line("UpdateAutoScalingGroup", &e))?;
+            }
+        }
         self.ec2
             .clients
             .asg

@@ -39,6 +39,8 @@ const TRANSIENT_INITIAL: Duration = Duration::from_millis(500);
 const TRANSIENT_MAX: Duration = Duration::from_secs(10);
 /// Transient failures in a row before giving up.
 const TRANSIENT_LIMIT: u32 = 8;
+/// Throttled answers in a row before the launcher gives up (each one halves its pace first).
+const THROTTLE_LIMIT: u32 = 30;
 /// Quiet time the launcher waits for to gather a useful batch once the bucket is drained.
 const MIN_BATCH_WINDOW: Duration = Duration::from_millis(500);
 
@@ -324,7 +326,9 @@ impl Ec2 {
         loop {
             match self.run(inflight).await {
                 Ok(nodes) => {
-                    self.limits.lock().unwrap().run_requests.succeeded();
+                    let mut l = self.limits.lock().unwrap();
+                    l.run_requests.succeeded();
+                    l.run_instances.succeeded();
                     return Ok(Ok(nodes));
                 }
                 Err(e) => {
@@ -357,13 +361,16 @@ impl Ec2 {
                 inflight.subnet,
                 inflight.token
             );
-            match self.run_with_retries(inflight).await? {
-                Ok(nodes) => n += nodes.len(),
-                Err(Failure::Throttled) => {
+            match self.run_with_retries(inflight).await {
+                Ok(Ok(nodes)) => n += nodes.len(),
+                Ok(Err(Failure::Throttled)) => {
                     // Leave it in the journal: the next run replays it again.
                     bail!("EC2 throttled the replay of an interrupted launch; run `fleet scale` again in a minute")
                 }
-                Err(_) => {}
+                // No capacity, or a definite refusal (quota, permissions): that call launched
+                // nothing and never will; the plan below launches what is still missing.
+                Ok(Err(_)) => {}
+                Err(e) => log!("dropping an interrupted launch that EC2 refuses now: {e:#}"),
             }
         }
         self.write_journal(&[])?;
@@ -376,6 +383,7 @@ impl Ec2 {
         let mut pools = Pools::new(&subnets, &cfg.instance_types);
         let mut launched: Vec<NodeInfo> = vec![];
         let mut throttles = 0u64;
+        let mut throttled_in_a_row = 0u32;
         let mut capacity_errors: Vec<String> = vec![];
         let mut token: Option<Inflight> = None;
         loop {
@@ -440,7 +448,16 @@ impl Ec2 {
                         journal.push(inflight.clone());
                         self.write_journal(&journal)?;
                     }
-                    let result = self.run_with_retries(&inflight).await?;
+                    let result = match self.run_with_retries(&inflight).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // A definite refusal (quota, permissions...): this call launched
+                            // nothing, so it must not be replayed by the next run.
+                            journal.retain(|j| j.token != inflight.token);
+                            self.write_journal(&journal)?;
+                            return Err(e);
+                        }
+                    };
                     let pool_idx = (0..pools.len()).find(|i| {
                         let p = pools.get(*i);
                         p.subnet == inflight.subnet && p.instance_type == inflight.instance_type
@@ -460,9 +477,17 @@ impl Ec2 {
                                 log!("partial fulfilment: {got} of {} {} in {}", inflight.count, inflight.instance_type, inflight.subnet);
                             }
                             launched.extend(nodes);
+                            throttled_in_a_row = 0;
                         }
                         Err(Failure::Throttled) => {
                             throttles += 1;
+                            throttled_in_a_row += 1;
+                            if throttled_in_a_row > THROTTLE_LIMIT {
+                                bail!(
+                                    "EC2 kept answering RequestLimitExceeded ({THROTTLE_LIMIT} times in a row) after launching {} of {count}; another tool may be using the account's RunInstances budget: run `fleet scale` again later",
+                                    launched.len()
+                                );
+                            }
                             let now = Instant::now();
                             let mut l = self.limits.lock().unwrap();
                             l.run_requests.throttled(now);
