@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 
 use crate::config::Config;
-use crate::supervisor::{Exit, Timing, WorkerCmd, WorkerSet};
+use crate::supervisor::{Event, Exit, Timing, WorkerCmd, WorkerSet};
 
 macro_rules! log {
     ($($arg:tt)*) => {
@@ -409,7 +409,7 @@ pub struct Agent {
     cfg: Arc<Config>,
     node_id: String,
     store: Arc<Store>,
-    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits_tx: mpsc::UnboundedSender<Event>,
     current: Option<Gen>,
     /// The previous generation during a hot restart's overlap, and when to stop it.
     draining: Option<(Gen, Instant)>,
@@ -427,6 +427,18 @@ pub struct Agent {
 impl Agent {
     fn worker_cmds(&self, spec: &RunSpec) -> Vec<WorkerCmd> {
         let locustfile = spec.dir.join(&spec.locustfile);
+        // Where a joined worker is connected (see supervisor.rs); a name is resolved once per
+        // generation.
+        let master_addrs: Vec<std::net::SocketAddr> =
+            match spec.master.host.parse::<std::net::IpAddr>() {
+                Ok(ip) => vec![std::net::SocketAddr::new(ip, spec.master.port)],
+                Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(
+                    spec.master.host.as_str(),
+                    spec.master.port,
+                ))
+                .map(|a| a.collect())
+                .unwrap_or_default(),
+            };
         (0..self.cfg.worker_count())
             .map(|i| {
                 let argv = match &self.cfg.worker_command {
@@ -448,6 +460,7 @@ impl Agent {
                 };
                 WorkerCmd {
                     argv,
+                    master: master_addrs.clone(),
                     cwd: spec.dir.clone(),
                     env: vec![
                         ("PYTHONUNBUFFERED".into(), "1".into()),
@@ -627,6 +640,32 @@ impl Agent {
         } else {
             self.publish();
         }
+    }
+
+    /// A worker of `generation` joined the master: once every worker of the current
+    /// generation has, the overlap ends at once (the old generation is stopped).
+    fn on_joined(&mut self, generation: u64) {
+        let Some(cur) = &self.current else { return };
+        if cur.set.generation != generation
+            || !cur
+                .set
+                .reports()
+                .iter()
+                .all(|r| r.state == fleet_common::wire::WorkerState::Running)
+        {
+            return;
+        }
+        if let Some((old, _)) = self.draining.take() {
+            log!(
+                "new workers joined the master after {:.2}s; stopping the previous generation",
+                cur.started.elapsed().as_secs_f64()
+            );
+            tokio::spawn(old.set.stop());
+        }
+        if self.status == "starting" {
+            self.status = "running";
+        }
+        self.publish();
     }
 
     /// Called at each deadline: end overlaps and promote stable generations.
@@ -840,7 +879,10 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
                     agent.publish();
                 }
             },
-            Some(e) = exits_rx.recv() => agent.on_exit(e),
+            Some(e) = exits_rx.recv() => match e {
+                Event::Exit(e) => agent.on_exit(e),
+                Event::Joined { generation, .. } => agent.on_joined(generation),
+            },
             _ = async { sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => agent.on_tick(),
             _ = hb_tick.tick() => agent.publish(),
             _ = sigterm.recv() => {

@@ -56,7 +56,8 @@ pub struct Config {
     pub worker_command: Option<Vec<String>>,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// How long a new worker gets to join the master before the old one is stopped.
+    /// Longest wait for a new worker to join the master (hold a connection to it) before the
+    /// old generation is stopped anyway; a worker that joins sooner ends the overlap sooner.
     #[serde(default = "default_join_grace_ms")]
     pub join_grace_ms: u64,
     /// SIGTERM to SIGKILL grace for a worker's process group.
@@ -99,7 +100,7 @@ fn default_heartbeat_ms() -> u64 {
     5_000
 }
 fn default_join_grace_ms() -> u64 {
-    1_000
+    10_000
 }
 fn default_stop_grace_ms() -> u64 {
     5_000

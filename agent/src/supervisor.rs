@@ -5,7 +5,15 @@
 //! code, is restarted after a capped exponential backoff (Locust workers orphaned by a master
 //! restart exit 0 after 60 s: LOCUST.md). Every exit is also reported on a channel, so the
 //! agent can tell a crash loop from an occasional restart.
+//!
+//! A new worker counts as joined once it holds an established TCP connection to the master
+//! (read from `/proc`: Locust's ZMQ socket connects from the worker process itself as soon as
+//! its imports are done), or when the join grace runs out, whichever comes first. The agent
+//! ends a hot restart's overlap on that event, so the old workers are stopped only once the
+//! new ones are at the master, however long a loaded machine takes to import Locust.
 
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -23,11 +31,17 @@ use tokio::task::JoinHandle;
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// How often a starting worker's connections are looked at.
+const JOIN_POLL: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub struct WorkerCmd {
     pub argv: Vec<String>,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The master's addresses: the worker has joined once it is connected to one of them.
+    /// Empty: joined when the join grace has passed (stub workers).
+    pub master: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +58,93 @@ pub struct Exit {
     pub generation: u64,
     pub index: u32,
     pub status: String,
+}
+
+/// What the workers tell the agent's main loop.
+#[derive(Debug)]
+pub enum Event {
+    Exit(Exit),
+    /// A worker joined the master (or its join grace ran out: `connected` false).
+    Joined {
+        generation: u64,
+        index: u32,
+        connected: bool,
+    },
+}
+
+/// The socket inodes a process holds.
+fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            let t = target.to_string_lossy();
+            if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                if let Ok(n) = n.parse() {
+                    out.insert(n);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parses `/proc/net/tcp{,6}`'s `HEX:PORT` address (the words in host byte order).
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16)
+            .ok()
+            .map(|w| w.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether process `pid` has an established TCP connection to one of `remotes`.
+pub fn connected_to(pid: u32, remotes: &[SocketAddr]) -> bool {
+    if remotes.is_empty() {
+        return false;
+    }
+    let inodes = socket_inodes(pid);
+    if inodes.is_empty() {
+        return false;
+    }
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "01" {
+                continue;
+            }
+            let (Some(rem), Ok(inode)) = (parse_proc_addr(f[2]), f[9].parse::<u64>()) else {
+                continue;
+            };
+            if inodes.contains(&inode) && remotes.contains(&rem) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[derive(Debug, Clone)]
@@ -110,7 +211,7 @@ async fn run_slot(
     timing: Timing,
     status: Arc<Mutex<SlotStatus>>,
     mut stop: oneshot::Receiver<()>,
-    exits: mpsc::UnboundedSender<Exit>,
+    events: mpsc::UnboundedSender<Event>,
 ) {
     let set = |f: &dyn Fn(&mut SlotStatus)| f(&mut status.lock().unwrap());
     let mut backoff = BACKOFF_INITIAL;
@@ -126,12 +227,21 @@ async fn run_slot(
                 });
                 let grace = tokio::time::sleep(timing.join_grace);
                 tokio::pin!(grace);
+                let mut poll = tokio::time::interval(JOIN_POLL);
                 let mut joined = false;
                 loop {
                     tokio::select! {
+                        _ = poll.tick(), if !joined && !cmd.master.is_empty() => {
+                            if connected_to(pid, &cmd.master) {
+                                joined = true;
+                                set(&|s| s.state = WorkerState::Running);
+                                let _ = events.send(Event::Joined { generation, index, connected: true });
+                            }
+                        }
                         _ = &mut grace, if !joined => {
                             joined = true;
                             set(&|s| s.state = WorkerState::Running);
+                            let _ = events.send(Event::Joined { generation, index, connected: false });
                         }
                         r = child.wait() => {
                             signal_group(pid, Signal::SIGKILL);
@@ -158,11 +268,11 @@ async fn run_slot(
             s.state = WorkerState::Backoff;
             s.last_exit = Some(exit_line.clone());
         });
-        let _ = exits.send(Exit {
+        let _ = events.send(Event::Exit(Exit {
             generation,
             index,
             status: exit_line,
-        });
+        }));
         if started.elapsed() >= timing.stable {
             backoff = BACKOFF_INITIAL;
         }
@@ -180,7 +290,7 @@ impl WorkerSet {
         generation: u64,
         cmds: Vec<WorkerCmd>,
         timing: Timing,
-        exits: mpsc::UnboundedSender<Exit>,
+        events: mpsc::UnboundedSender<Event>,
     ) -> WorkerSet {
         let slots = cmds
             .into_iter()
@@ -200,7 +310,7 @@ impl WorkerSet {
                     timing,
                     status.clone(),
                     rx,
-                    exits.clone(),
+                    events.clone(),
                 ));
                 Slot {
                     status,
@@ -259,6 +369,7 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: vec![],
+            master: vec![],
         }
     }
 
@@ -287,13 +398,17 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let set = WorkerSet::start(7, vec![sh("exit 0"), sh("exit 3")], timing(), tx);
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..6 {
+        let mut exits = 0;
+        while exits < 6 {
             let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(e.generation, 7);
-            seen.insert((e.index, e.status));
+            if let Event::Exit(e) = e {
+                assert_eq!(e.generation, 7);
+                seen.insert((e.index, e.status));
+                exits += 1;
+            }
         }
         assert!(seen.contains(&(0, "exit 0".to_string())));
         assert!(seen.contains(&(1, "exit 3".to_string())));
@@ -345,5 +460,72 @@ mod tests {
         let t = Instant::now();
         set.stop().await;
         assert!(t.elapsed() < Duration::from_millis(300));
+    }
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        // 127.0.0.1:5557 as the kernel prints it on a little-endian machine.
+        let le = if cfg!(target_endian = "little") {
+            "0100007F:15B5"
+        } else {
+            "7F000001:15B5"
+        };
+        assert_eq!(parse_proc_addr(le), Some("127.0.0.1:5557".parse().unwrap()));
+        assert_eq!(parse_proc_addr("nonsense"), None);
+    }
+
+    /// A worker joins when it connects to the master, long before the join grace ends; one
+    /// that never connects joins when the grace ends.
+    #[tokio::test]
+    async fn join_is_the_connection_to_the_master_or_the_grace() {
+        let master = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = master.local_addr().unwrap();
+        let accept = std::thread::spawn(move || master.accept().map(|(s, _)| s));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let connects = WorkerCmd {
+            argv: vec![
+                "bash".into(),
+                "-c".into(),
+                format!(
+                    "sleep 0.3; exec 3<>/dev/tcp/127.0.0.1/{}; exec sleep 60",
+                    addr.port()
+                ),
+            ],
+            cwd: std::env::temp_dir(),
+            env: vec![],
+            master: vec![addr],
+        };
+        let silent = WorkerCmd {
+            master: vec![addr],
+            ..sh("exec sleep 60")
+        };
+        let t = Timing {
+            join_grace: Duration::from_secs(3),
+            ..timing()
+        };
+        let t0 = Instant::now();
+        let set = WorkerSet::start(1, vec![connects, silent], t, tx);
+        let mut joined = vec![];
+        while joined.len() < 2 {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                Event::Joined {
+                    index, connected, ..
+                } => joined.push((index, connected, t0.elapsed())),
+                Event::Exit(e) => panic!("worker exited: {e:?}"),
+            }
+        }
+        assert_eq!((joined[0].0, joined[0].1), (0, true), "{joined:?}");
+        assert!(
+            joined[0].2 < Duration::from_secs(2),
+            "joined on the connection, not the grace: {joined:?}"
+        );
+        assert_eq!((joined[1].0, joined[1].1), (1, false), "{joined:?}");
+        assert!(joined[1].2 >= Duration::from_secs(3), "{joined:?}");
+        set.stop().await;
+        drop(accept.join());
     }
 }
