@@ -40,6 +40,28 @@ setup() {
         as_root apt-get update
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv python3-pip
     fi
+    # Debian's nginx, for the nginx front's end-to-end test (tests/tests/nginx.rs).
+    if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+        echo "setup: installing nginx"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx
+    fi
+    # Debian's Chromium and playwright-core (pinned in tests/browser/package-lock.json) for the
+    # browser tests in tests/browser/. Never let a tool download its own browser.
+    if [ ! -x /usr/bin/chromium ]; then
+        echo "setup: installing chromium"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "setup: installing nodejs and npm"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm
+    fi
+    if [ ! -d tests/browser/node_modules ] || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+        echo "setup: npm ci in tests/browser"
+        (cd tests/browser && npm ci --no-audit --no-fund)
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         echo "setup: creating .venv"
         python3 -m venv "$VENV"
@@ -71,6 +93,8 @@ test_all() {
     cargo build --workspace --bins --locked
     step test
     FLEET_TEST_LOCUST=$VENV/bin/locust cargo test --workspace --locked "$@"
+    step browser
+    FLEET_TEST_LOCUST=$VENV/bin/locust CARGO_TARGET_DIR=$TARGET_DIR node --test tests/browser/
 }
 
 cmd=${1:-help}

@@ -41,6 +41,35 @@ pub struct FleetConfig {
     pub asg: AsgConfig,
     #[serde(default)]
     pub scale: ScaleConfig,
+    #[serde(default)]
+    pub nginx: NginxConfig,
+}
+
+/// The optional nginx front that `fleet nginx` renders (docs/nginx.md). Every field is optional;
+/// command-line flags override these.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NginxConfig {
+    /// Where nginx listens for HTTPS: `ADDR:PORT` or a port. Default 443.
+    pub listen: Option<String>,
+    /// nginx's `server_name`. Default `_` (any).
+    pub server_name: Option<String>,
+    /// Certificate chain and key nginx serves. Default the fleet's `certs/server.pem`/`.key`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Output directory. Default `nginx/` in the fleet directory.
+    pub out_dir: Option<PathBuf>,
+    /// The controller nginx proxies to, `https://host:port`. Default `controller.url`.
+    pub upstream: Option<String>,
+    /// The name nginx expects in the controller's certificate. Default: the upstream's host if
+    /// it is a name, else `localhost` (or another DNS name in `controller.cert_names`).
+    pub upstream_name: Option<String>,
+    /// Also listen on this address (e.g. `80`) for plain HTTP that only redirects to https.
+    pub redirect_http: Option<String>,
+    /// The account nginx's workers run as when nginx starts as root. Default `www-data`.
+    pub user: Option<String>,
+    /// A template to render instead of the built-in `nginx/fleet.conf.template`.
+    pub template: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -82,6 +82,34 @@ enum Cmd {
     },
     /// Make a new web UI password (printed once; only its hash is stored).
     Passwd,
+    /// Render the nginx front (docs/nginx.md): fleet.conf, htpasswd with the UI password, runtime dirs.
+    #[command(group(clap::ArgGroup::new("password").required(true).args(["password_stdin", "new_password"])))]
+    Nginx {
+        /// Output directory (default: nginx/ in the fleet directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where nginx listens for HTTPS: ADDR:PORT or PORT (default 443).
+        #[arg(long)]
+        listen: Option<String>,
+        /// nginx's server_name (default `_`).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Certificate chain nginx serves (default: the fleet's certs/server.pem).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Its private key (default: the fleet's certs/server.key).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// The account nginx's workers run as when nginx starts as root (default www-data).
+        #[arg(long)]
+        user: Option<String>,
+        /// Read the current web UI password from stdin (one line); it is checked first.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Make a new web UI password for the controller and nginx (printed once).
+        #[arg(long)]
+        new_password: bool,
+    },
     /// Run the controller: HTTPS API, spec watcher, Locust master.
     Serve,
     /// Converge the fleet to N nodes, up or down.
@@ -121,6 +149,31 @@ enum Cmd {
     },
     /// Stop the running test.
     Stop,
+    /// Run a test (or a matrix of tests) and write its reports: Locust's CSVs and HTML, summary.md/json.
+    Run {
+        /// Users for one run.
+        #[arg(long, required_unless_present = "matrix", conflicts_with = "matrix")]
+        users: Option<u64>,
+        /// A matrix over user counts, e.g. `users=200,400,800` (one run per node count and user count).
+        #[arg(long)]
+        matrix: Option<String>,
+        #[arg(long, default_value_t = 10.0)]
+        spawn_rate: f64,
+        /// How long each run lasts: `30s`, `5m`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The results directory (default: results/<UTC timestamp>/ in the fleet directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Scale to this many nodes first (with --matrix: a list, e.g. 2,4).
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        nodes: Vec<i64>,
+        #[arg(long, value_enum, default_value = "local")]
+        backend: BackendArg,
+        /// Seconds to wait for the agents to check in after scaling.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
     /// Run the sample HTTP target.
     Target {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -217,6 +270,33 @@ async fn run(cli: Cli) -> Result<()> {
             let p = fleet::init::set_password(&fleet)?;
             println!("web UI user: {}  password: {p}", fleet::auth::UI_USER);
             println!("restart `fleet serve` to use it");
+        }
+        Cmd::Nginx {
+            out,
+            listen,
+            server_name,
+            cert,
+            key,
+            user,
+            password_stdin,
+            new_password: _,
+        } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let password = if password_stdin {
+                fleet::nginx::Password::Given(fleet::nginx::read_password(std::io::stdin().lock())?)
+            } else {
+                fleet::nginx::Password::New
+            };
+            let o = fleet::nginx::NginxOptions {
+                out,
+                listen,
+                server_name,
+                cert,
+                key,
+                user,
+                password,
+            };
+            fleet::nginx::command(&fleet, &o, output)?;
         }
         Cmd::Serve => {
             let fleet = Fleet::load(&cli.dir)?;
@@ -316,6 +396,35 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             println!("test started: {users} users at {spawn_rate}/s");
+        }
+        Cmd::Run {
+            users,
+            matrix,
+            spawn_rate,
+            duration,
+            out,
+            nodes,
+            backend: b,
+            wait,
+        } => {
+            let fleet = Fleet::load(&cli.dir)?;
+            let plan = fleet::run::Plan::new(
+                &fleet,
+                fleet::run::RunArgs {
+                    users,
+                    matrix,
+                    spawn_rate,
+                    duration,
+                    out,
+                    nodes,
+                    wait: Duration::from_secs(wait),
+                },
+            )?;
+            let be = match plan.scales() {
+                true => Some(backend(&fleet, b).await?),
+                false => None,
+            };
+            fleet::run::run(&fleet, &plan, be.as_ref(), output).await?;
         }
         Cmd::Stop => {
             let fleet = Fleet::load(&cli.dir)?;

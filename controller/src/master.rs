@@ -47,6 +47,9 @@ const RESWARM_WAIT: Duration = Duration::from_secs(30);
 /// How long a running test may have another user count than the one recorded before the
 /// controller re-POSTs it (longer than Locust's ~2 s stats cache).
 const DRIFT_GRACE: Duration = Duration::from_secs(3);
+/// After the operator starts or stops a test, how long the keeper trusts that over Locust's
+/// (cached, ~2 s old) stats: more than twice the cache plus one poll.
+const OPERATOR_GRACE: Duration = Duration::from_secs(6);
 /// Least time between two `/swarm` posts of the keeper.
 const POST_COOLDOWN: Duration = Duration::from_secs(4);
 
@@ -212,6 +215,10 @@ struct Status {
     swarm: Option<SwarmRequest>,
     /// When a test started with a `run_time` ends: it is not re-started after that.
     swarm_until: Option<Instant>,
+    /// When the operator last started or stopped a test. Locust's stats lag ~2 s behind
+    /// (cached), so for a while after that the keeper neither adopts a test it still sees
+    /// running nor re-posts one it still sees idle.
+    swarm_set_at: Option<Instant>,
     stats: Option<Stats>,
     /// Worker count seen while the test last ran, to know when they are all back.
     workers_seen: u64,
@@ -352,6 +359,7 @@ impl Master {
             let mut st = self.status.lock().unwrap();
             st.swarm = s;
             st.swarm_until = run_time.map(|d| Instant::now() + d);
+            st.swarm_set_at = Some(Instant::now());
         }
         self.save();
     }
@@ -391,6 +399,20 @@ impl Master {
             .arg("--enable-rebalancing");
         if !base.is_empty() {
             c.args(["--web-base-path", &base]);
+        }
+        // `fleet run` saves the full stats history, which Locust serves
+        // (`/stats/requests_full_history/csv`) only with `--csv` and `--csv-full-history`
+        // (LOCUST.md). The files sit in the state dir and are rewritten at each master start;
+        // the history grows by one row per request name per second while the master runs.
+        let csv_given = self
+            .cfg
+            .args
+            .iter()
+            .any(|a| a == "--csv" || a.starts_with("--csv="));
+        if let (false, Some(state_dir)) = (csv_given, log_path.parent()) {
+            c.arg("--csv")
+                .arg(state_dir.join("locust-csv/run"))
+                .arg("--csv-full-history");
         }
         c.args(&self.cfg.args)
             .current_dir(dir)
@@ -572,11 +594,14 @@ impl Master {
         loop {
             tokio::time::sleep(STATS_EVERY).await;
             let Ok(stats) = self.api.stats().await else {
+                // A master that does not answer has no numbers: never show stale ones.
+                self.status.lock().unwrap().stats = None;
                 continue;
             };
             let idle = matches!(stats.state.as_str(), "ready" | "stopped");
-            let (swarm, want_workers, recorded) = {
+            let (swarm, want_workers, recorded, settled) = {
                 let mut s = self.status.lock().unwrap();
+                let settled = s.swarm_set_at.is_none_or(|t| t.elapsed() >= OPERATOR_GRACE);
                 s.stats = Some(stats.clone());
                 let mut recorded = false;
                 if s.swarm_until.is_some_and(|t| Instant::now() >= t) {
@@ -587,7 +612,7 @@ impl Master {
                 if stats.state == "running" {
                     s.workers_seen = stats.worker_count;
                     // A test started on the master directly is adopted as it is.
-                    if s.swarm.is_none() && stats.user_count > 0 {
+                    if s.swarm.is_none() && stats.user_count > 0 && settled {
                         s.swarm = Some(SwarmRequest {
                             users: stats.user_count,
                             spawn_rate: stats.user_count as f64,
@@ -595,13 +620,13 @@ impl Master {
                         recorded = true;
                     }
                 }
-                (s.swarm, s.workers_seen.max(1), recorded)
+                (s.swarm, s.workers_seen.max(1), recorded, settled)
             };
             if recorded {
                 self.save();
             }
             // Locust's stats are cached ~2 s: give a POST time to show before another.
-            let cooled = last_post.is_none_or(|t| t.elapsed() >= POST_COOLDOWN);
+            let cooled = settled && last_post.is_none_or(|t| t.elapsed() >= POST_COOLDOWN);
             if let (true, Some(sw)) = (idle, swarm) {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 let back = stats.worker_count >= want_workers && stats.worker_count == last_workers;

@@ -62,6 +62,7 @@ pub fn app(state: Shared) -> Router {
         )
         .route(routes::API_SPEC, get(api_spec))
         .route(routes::API_MASTER, get(api_master))
+        .route(crate::events::ROUTE, get(api_events))
         .route(routes::API_SWARM, post(api_swarm))
         .route(routes::API_STOP, post(api_stop))
         .route("/locust", any(crate::proxy::locust))
@@ -269,6 +270,11 @@ async fn api_spec(State(st): State<Shared>) -> Response {
 
 async fn api_master(State(st): State<Shared>) -> Response {
     Json(st.master.view()).into_response()
+}
+
+/// The dashboard's live feed: a Server-Sent Events stream of snapshots (`events.rs`).
+async fn api_events(State(st): State<Shared>) -> Response {
+    crate::events::response(st)
 }
 
 async fn api_swarm(State(st): State<Shared>, Json(s): Json<SwarmRequest>) -> Response {

@@ -148,6 +148,25 @@ async fn spec_edits_reach_every_worker_and_the_test_keeps_running() {
     )
     .await;
 
+    // An explicit stop stays stopped: the controller must not take Locust's stale (cached)
+    // "running" for a test to adopt or restore.
+    let out = f.cli(&["stop"]);
+    assert!(
+        out.status.success(),
+        "stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let master = f.get_json("/api/master").await.unwrap();
+        assert!(
+            master["swarm"].is_null(),
+            "the stopped test came back: {master}"
+        );
+    }
+    let stats = f.locust_stats().await.unwrap();
+    assert_eq!(stats["state"], "stopped", "{}", stats["state"]);
+
     // The local backend converges down and up again by the same plan.
     let out = f.cli(&["--output", "json", "scale", "--nodes", "1"]);
     assert!(

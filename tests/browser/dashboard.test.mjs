@@ -1,0 +1,629 @@
+// Real-browser tests of the controller's web UI: Debian's Chromium driven by playwright-core
+// against a local swarm of the real binaries (like tests/src/lib.rs): `fleet serve` with a
+// managed Locust master, two local agents with one Locust worker each, the sample target, and
+// a 2-user test. See README.md in this directory.
+//
+//   cargo build --workspace --bins && node --test tests/browser/
+//
+// Env: CARGO_TARGET_DIR (binaries in $CARGO_TARGET_DIR/debug, default target/), FLEET_TEST_LOCUST
+// (default .venv/bin/locust), FLEET_TEST_CHROMIUM (default /usr/bin/chromium), FLEET_TEST_KEEP
+// (keep the fleet directory). Screenshots go to tests/artifacts/browser/.
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import https from 'node:https';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const TARGET_DIR = path.resolve(ROOT, process.env.CARGO_TARGET_DIR || 'target');
+const FLEET = path.join(TARGET_DIR, 'debug', 'fleet');
+const AGENT = path.join(TARGET_DIR, 'debug', 'fleet-agent');
+const LOCUST = path.resolve(ROOT, process.env.FLEET_TEST_LOCUST || '.venv/bin/locust');
+const CHROMIUM = process.env.FLEET_TEST_CHROMIUM || '/usr/bin/chromium';
+const SHOTS = path.join(ROOT, 'tests/artifacts/browser');
+// The flags this closed network needs (the machine notes): without the background-networking
+// ones Chromium keeps dialling Google's hosts and gets refused.
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+const NODES = 2;
+const USERS = 2;
+const SHOT = {
+  unauthorized: path.join(SHOTS, 'unauthorized.png'),
+  before: path.join(SHOTS, 'dashboard-before.png'),
+  after: path.join(SHOTS, 'dashboard-after.png'),
+  locust: path.join(SHOTS, 'locust.png'),
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.unref();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitPort(port, ms, what) {
+  const t = Date.now();
+  for (;;) {
+    const ok = await new Promise((resolve) => {
+      const c = net.connect({ host: '127.0.0.1', port }, () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.on('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() - t > ms) throw new Error(`${what} did not listen on ${port} within ${ms} ms`);
+    await sleep(50);
+  }
+}
+
+/** Polls `f` every 200 ms until it returns a truthy value, or throws naming `what`. */
+async function waitFor(what, ms, f) {
+  const t = Date.now();
+  let last;
+  for (;;) {
+    try {
+      const v = await f();
+      if (v) return v;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() - t > ms) {
+      throw new Error(`timed out after ${ms} ms waiting for ${what}${last ? `: ${last.message}` : ''}`);
+    }
+    await sleep(200);
+  }
+}
+
+/** Runs the `fleet` CLI on the fleet directory; rejects on a non-zero exit. */
+function fleet(args, { timeout = 90_000 } = {}) {
+  return new Promise((resolve, reject) => {
+    execFile(FLEET, args, { timeout, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`fleet ${args.join(' ')}: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The swarm: one per run of this file
+
+const S = {
+  dir: null,
+  url: null,
+  password: null,
+  operatorToken: null,
+  ca: null,
+  target: null,
+  targetUrl: null,
+  serve: null,
+  browser: null,
+  good: null, // the browser context with the right password
+  dash: null, // the dashboard page, kept open from test 2 to test 3
+  dashReady: false,
+  failed: false,
+  cleaned: false,
+};
+
+/** GET through the controller with the operator token (the CLI's credential). */
+function api(p) {
+  return new Promise((resolve, reject) => {
+    const req = https.get(
+      `${S.url}${p}`,
+      { ca: S.ca, headers: { Authorization: `Bearer ${S.operatorToken}` }, timeout: 10_000 },
+      (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (d) => (body += d));
+        res.on('end', () => {
+          let json = null;
+          try {
+            json = JSON.parse(body);
+          } catch {}
+          resolve({ status: res.statusCode, json, body });
+        });
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error('timeout')));
+    req.on('error', reject);
+  });
+}
+
+async function currentSpec() {
+  const r = await api('/api/spec');
+  return r.status === 200 ? r.json.current : null;
+}
+
+function locustfile(cls, tasks) {
+  let s =
+    `from locust import FastHttpUser, constant, task\n\n\nclass ${cls}(FastHttpUser):\n` +
+    `    host = "${S.targetUrl}"\n    wait_time = constant(0.2)\n`;
+  for (const [name, p] of tasks) {
+    s += `\n    @task\n    def ${name}(self):\n        self.client.get("${p}")\n`;
+  }
+  return s;
+}
+
+/** Replaces the locustfile as editors do: written beside it, then renamed over it. */
+function writeSpec(text) {
+  const tmp = path.join(S.dir, 'spec/.locustfile.py.tmp');
+  fs.writeFileSync(tmp, text);
+  fs.renameSync(tmp, path.join(S.dir, 'spec/locustfile.py'));
+}
+
+/** Sets `key = value` in `[section]` of a TOML text (replacing the line or adding it). */
+function tomlSet(text, section, key, value) {
+  const lines = text.split('\n');
+  const start = lines.findIndex((l) => l.trim() === `[${section}]`);
+  if (start < 0) return `${text.trimEnd()}\n\n[${section}]\n${key} = ${value}\n`;
+  let end = lines.findIndex((l, i) => i > start && /^\s*\[/.test(l));
+  if (end < 0) end = lines.length;
+  const at = lines.findIndex((l, i) => i > start && i < end && new RegExp(`^\\s*${key}\\s*=`).test(l));
+  if (at >= 0) lines[at] = `${key} = ${value}`;
+  else lines.splice(start + 1, 0, `${key} = ${value}`);
+  return lines.join('\n');
+}
+
+async function startSwarm() {
+  for (const [p, what] of [
+    [FLEET, 'the fleet binary (cargo build --workspace --bins)'],
+    [AGENT, 'the fleet-agent binary (cargo build --workspace --bins)'],
+    [LOCUST, 'locust (./run.sh setup, or set FLEET_TEST_LOCUST)'],
+    [CHROMIUM, "Debian's chromium (apt-get install chromium, or ./run.sh setup)"],
+  ]) {
+    assert.ok(fs.existsSync(p), `${p} is missing: ${what}`);
+  }
+  // No picture from an earlier run may stand in for one of this run.
+  for (const f of Object.values(SHOT)) fs.rmSync(f, { force: true });
+  S.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-browser-'));
+  const port = await freePort();
+  const [masterPort, webPort, targetPort] = [await freePort(), await freePort(), await freePort()];
+  S.url = `https://127.0.0.1:${port}`;
+
+  const init = JSON.parse(
+    await fleet(['--dir', S.dir, '--output', 'json', 'init', '--name', 'browser', '--listen',
+      `127.0.0.1:${port}`, '--locust', LOCUST]),
+  );
+  S.password = init.password;
+  assert.ok(S.password, 'fleet init printed no password');
+  S.operatorToken = fs.readFileSync(path.join(S.dir, 'secrets/operator.token'), 'utf8').trim();
+  S.ca = fs.readFileSync(path.join(S.dir, 'certs/ca.pem'));
+
+  const cfgPath = path.join(S.dir, 'fleet.toml');
+  let cfg = fs.readFileSync(cfgPath, 'utf8');
+  cfg = tomlSet(cfg, 'controller', 'debounce_ms', '100');
+  cfg = tomlSet(cfg, 'master', 'port', String(masterPort));
+  cfg = tomlSet(cfg, 'master', 'web_url', JSON.stringify(`http://127.0.0.1:${webPort}/locust`));
+  cfg = tomlSet(cfg, 'local', 'workers', '1');
+  cfg = tomlSet(cfg, 'local', 'agent_bin', JSON.stringify(AGENT));
+  // Fast feedback, as in tests/src/lib.rs; the defaults suit real fleets.
+  cfg = tomlSet(cfg, 'local', 'agent_settings', '{ heartbeat_ms = 1000 }');
+  fs.writeFileSync(cfgPath, cfg);
+
+  S.target = spawn(FLEET, ['target', '--listen', `127.0.0.1:${targetPort}`], { stdio: 'ignore' });
+  S.targetUrl = `http://127.0.0.1:${targetPort}`;
+  await waitPort(targetPort, 10_000, 'fleet target');
+  S.firstPath = '/alpha';
+  writeSpec(locustfile('Web', [['alpha', S.firstPath]]));
+
+  const log = fs.openSync(path.join(S.dir, 'serve.log'), 'a');
+  S.serve = spawn(FLEET, ['--dir', S.dir, 'serve'], { stdio: ['ignore', log, log] });
+  fs.closeSync(log);
+  await waitPort(port, 20_000, 'fleet serve');
+  const first = await waitFor('the first publication', 20_000, currentSpec);
+
+  await fleet(['--dir', S.dir, 'scale', '--nodes', String(NODES), '--wait', '60']);
+  await waitFor(`${NODES} agents running ${first.sha256.slice(0, 12)}`, 30_000, async () => {
+    const r = await api('/api/nodes');
+    return r.status === 200 && r.json.length === NODES &&
+      r.json.every((n) => n.running?.sha256 === first.sha256 && n.workers.every((w) => w.state === 'running'));
+  });
+  await waitFor(`${NODES} workers at the Locust master`, 30_000, async () => {
+    const r = await api('/locust/stats/requests');
+    return r.status === 200 && r.json.worker_count === NODES;
+  });
+  await fleet(['--dir', S.dir, 'swarm', '--users', String(USERS), '--spawn-rate', String(USERS)]);
+
+  fs.mkdirSync(SHOTS, { recursive: true });
+  S.browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+}
+
+async function stopChild(child, what, ms = 15_000) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  const t = setTimeout(() => {
+    console.log(`${what} did not stop within ${ms} ms: SIGKILL`);
+    child.kill('SIGKILL');
+  }, ms);
+  await exited;
+  clearTimeout(t);
+}
+
+/** The managed master's pid, if `fleet serve` left one behind (state/master.json). */
+function masterPid() {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(S.dir, 'state/master.json'), 'utf8')).pid || null;
+  } catch {
+    return null;
+  }
+}
+
+function tail(file, n = 40) {
+  try {
+    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-n).join('\n');
+  } catch {
+    return '(none)';
+  }
+}
+
+/** Pids of the local agents `fleet scale` started in this fleet directory. */
+function agentPids() {
+  const local = S.dir && path.join(S.dir, 'local');
+  if (!local || !fs.existsSync(local)) return [];
+  return fs.readdirSync(local).flatMap((id) => {
+    try {
+      return [Number(fs.readFileSync(path.join(local, id, 'agent.pid'), 'utf8').trim())].filter((p) => p > 0);
+    } catch {
+      return [];
+    }
+  });
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function cleanup() {
+  if (S.cleaned) return;
+  S.cleaned = true;
+  if (S.browser) await S.browser.close().catch(() => {});
+  const agents = agentPids();
+  if (S.dir && fs.existsSync(path.join(S.dir, 'fleet.toml'))) {
+    await fleet(['--dir', S.dir, 'down'], { timeout: 30_000 }).catch((e) => console.log(`${e.message}`));
+  }
+  for (const pid of agents.filter(alive)) {
+    console.log(`agent ${pid} outlived fleet down: SIGKILL`);
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {}
+  }
+  await stopChild(S.serve, 'fleet serve');
+  // A master orphaned by a controller that did not stop cleanly: its process group.
+  const pid = S.dir && masterPid();
+  if (pid) {
+    try {
+      process.kill(-pid, 'SIGKILL');
+    } catch {}
+  }
+  await stopChild(S.target, 'fleet target', 5_000);
+  if (S.failed && S.dir) {
+    console.log(`serve.log (last lines):\n${tail(path.join(S.dir, 'serve.log'))}`);
+    console.log(`state/master.log (last lines):\n${tail(path.join(S.dir, 'state/master.log'), 20)}`);
+  }
+  if (S.dir) {
+    if (process.env.FLEET_TEST_KEEP) console.log(`keeping ${S.dir}`);
+    else fs.rmSync(S.dir, { recursive: true, force: true });
+  }
+  const shots = fs.existsSync(SHOTS) ? fs.readdirSync(SHOTS).filter((f) => f.endsWith('.png')) : [];
+  console.log(`screenshots in ${SHOTS}: ${shots.join(', ') || '(none)'}`);
+}
+
+// If the runner is interrupted, `after` does not run: stop what we started, synchronously.
+process.once('exit', () => {
+  if (S.cleaned) return;
+  if (S.dir) spawnSync(FLEET, ['--dir', S.dir, 'down'], { timeout: 20_000, stdio: 'ignore' });
+  for (const c of [S.serve, S.target]) {
+    if (c && c.exitCode === null && c.signalCode === null) c.kill('SIGTERM');
+  }
+  if (S.dir && !process.env.FLEET_TEST_KEEP) {
+    // `fleet serve` may still be writing into it as it stops: best effort.
+    try {
+      fs.rmSync(S.dir, { recursive: true, force: true, maxRetries: 3 });
+    } catch {}
+  }
+});
+for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => process.exit(130));
+
+/** Marks the run failed (so `after` prints the logs) when `f` throws. */
+function guarded(f) {
+  return async (t) => {
+    try {
+      await f(t);
+    } catch (e) {
+      S.failed = true;
+      throw e;
+    }
+  };
+}
+
+async function shot(page, file) {
+  await page.screenshot({ path: file, fullPage: true }).catch((e) => console.log(`screenshot ${file}: ${e.message}`));
+}
+
+// In-page reads of the dashboard's DOM contract.
+const readDash = () => {
+  const q = (s) => document.querySelector(s);
+  const rows = [...document.querySelectorAll('#nodes tbody tr[data-node]')];
+  return {
+    ready: document.body.dataset.ready === '1',
+    conn: q('#conn')?.textContent.trim() ?? null,
+    seq: q('#spec-seq')?.textContent.trim() ?? null,
+    shaText: q('#spec-sha')?.textContent.trim() ?? null,
+    sha: q('#spec-sha')?.dataset.sha ?? null,
+    history: [...document.querySelectorAll('#history li[data-sha]')].map((li) => li.dataset.sha),
+    rows: rows.map((r) => ({
+      node: r.dataset.node,
+      sha: r.dataset.sha,
+      cellSha: r.querySelector('td.sha')?.textContent.trim() ?? null,
+      lag: r.classList.contains('lag'),
+    })),
+    lagging: q('#lagging-count')?.textContent.trim() ?? null,
+    locust: {
+      state: q('#locust-state')?.textContent.trim() ?? null,
+      users: q('#locust-users')?.textContent.trim() ?? null,
+      rps: q('#locust-rps')?.textContent.trim() ?? null,
+      fail: q('#locust-fail')?.textContent.trim() ?? null,
+    },
+  };
+};
+const firstNumber = (s) => {
+  const m = /-?\d+(\.\d+)?/.exec(s ?? '');
+  return m ? Number(m[0]) : NaN;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The tests (run in order, sharing the swarm and the open dashboard page)
+
+describe('fleet web UI in Chromium', { timeout: 170_000 }, () => {
+  before(guarded(startSwarm), { timeout: 120_000 });
+  after(cleanup, { timeout: 60_000 });
+
+  test('1. a wrong or missing password gets 401 and no fleet data', { timeout: 30_000 }, guarded(async () => {
+    const spec = await currentSpec();
+    const nodes = (await api('/api/nodes')).json.map((n) => n.node_id);
+    // Every refusal counts against the address's failure allowance (10 in a burst, shared with
+    // the agents on loopback): each case costs the controller one or two refusals, no more.
+    for (const [label, creds] of [
+      ['wrong password', { username: 'fleet', password: `${S.password}x` }],
+      ['no credentials', undefined],
+    ]) {
+      const ctx = await S.browser.newContext({ ignoreHTTPSErrors: true, httpCredentials: creds });
+      const page = await ctx.newPage();
+      await page.route('**/favicon.ico', (r) => r.abort());
+      const docs = [];
+      page.on('response', (r) => {
+        if (r.request().isNavigationRequest()) docs.push(r);
+      });
+      try {
+        let resp = null;
+        let navError = null;
+        try {
+          resp = await page.goto(`${S.url}/`);
+        } catch (e) {
+          navError = e;
+        }
+        if (creds) {
+          // Playwright answers the challenge with the wrong password once, then gives up and
+          // Chromium shows the 401 body.
+          assert.ifError(navError);
+          assert.equal(resp.status(), 401, `${label}: status`);
+        } else {
+          // With nothing to answer the challenge with, headless Chromium (no login prompt)
+          // either shows the 401 body or cancels the navigation.
+          assert.ok(resp?.status() === 401 || /ERR_INVALID_AUTH_CREDENTIALS/.test(navError?.message),
+            `${label}: expected 401 or ERR_INVALID_AUTH_CREDENTIALS, got ${resp?.status()} ${navError?.message ?? ''}`);
+        }
+        for (const r of docs) {
+          assert.equal(r.status(), 401, `${label}: the response for ${r.url()}`);
+          assert.match(r.headers()['www-authenticate'] ?? '', /^Basic realm="fleet"/, `${label}: challenge`);
+        }
+        // After a cancelled navigation Chromium is still putting up its error page.
+        const html = await waitFor(`${label}: the page content`, 5_000, () => page.content());
+        assert.equal(await page.locator('#nodes, #spec-sha, #spec-seq, #history, #locust-state').count(), 0, `${label}: dashboard elements`);
+        assert.ok(!html.includes(spec.sha256.slice(0, 12)), `${label}: the page shows the spec sha`);
+        for (const n of nodes) assert.ok(!html.includes(n), `${label}: the page shows node ${n}`);
+        assert.ok(!html.includes(S.password), `${label}: the page shows the password`);
+        if (resp) {
+          assert.match(await page.evaluate(() => document.body?.innerText ?? ''), /credentials required/, `${label}: body`);
+        }
+        if (creds) await shot(page, SHOT.unauthorized);
+        console.log(`${label}: ${resp ? `HTTP ${resp.status()}` : navError.message.split('\n')[0]}`);
+      } finally {
+        await ctx.close();
+      }
+    }
+  }));
+
+  test('2. with the password the dashboard lists both agents on the current sha', { timeout: 45_000 }, guarded(async () => {
+    S.good = await S.browser.newContext({
+      ignoreHTTPSErrors: true,
+      httpCredentials: { username: 'fleet', password: S.password },
+      viewport: { width: 1280, height: 900 },
+    });
+    const page = (S.dash = await S.good.newPage());
+    S.navigations = 0;
+    page.on('framenavigated', (f) => {
+      if (f === page.mainFrame()) S.navigations++;
+    });
+    try {
+      const resp = await page.goto(`${S.url}/`);
+      assert.equal(resp.status(), 200);
+      const spec = await currentSpec();
+      const ids = (await api('/api/nodes')).json.map((n) => n.node_id).sort();
+      assert.equal(ids.length, NODES);
+      await page.waitForFunction(() => document.body.dataset.ready === '1', null, { timeout: 15_000 });
+      S.dashReady = true;
+      const d = await waitFor('both agents on the current sha, stream live', 15_000, async () => {
+        const d = await page.evaluate(readDash);
+        return d.conn === 'live' && d.sha === spec.sha256 && d.rows.length === NODES &&
+          d.rows.every((r) => r.sha === d.sha) ? d : null;
+      }).catch(async (e) => {
+        throw new Error(`${e.message}\npage: ${JSON.stringify(await page.evaluate(readDash))}`);
+      });
+      assert.equal(d.shaText, spec.sha256.slice(0, 12), '#spec-sha shows the first 12 hex digits');
+      assert.equal(firstNumber(d.seq), spec.sequence, '#spec-seq');
+      assert.equal(d.history[0], spec.sha256, '#history starts with the current version');
+      assert.deepEqual(d.rows.map((r) => r.node).sort(), ids, 'one row per agent');
+      for (const r of d.rows) {
+        assert.ok(r.cellSha && spec.sha256.startsWith(r.cellSha.replace(/…$/, '')), `td.sha of ${r.node}: ${r.cellSha}`);
+        assert.equal(r.lag, false, `${r.node} is marked lagging`);
+      }
+      assert.equal(firstNumber(d.lagging), 0, '#lagging-count');
+      // The test from `fleet swarm` shows up in the Locust block.
+      await waitFor(`#locust-users at ${USERS} and #locust-state running`, 20_000, async () => {
+        const l = (await page.evaluate(readDash)).locust;
+        return firstNumber(l.users) === USERS && /running/i.test(l.state ?? '');
+      });
+      await page.waitForTimeout(300);
+    } finally {
+      await shot(page, SHOT.before);
+    }
+  }));
+
+  test('3. a spec edit reaches the open page and both rows without a reload', { timeout: 50_000 }, guarded(async () => {
+    const old = await currentSpec();
+    // Edit first, so the swarm (and /locust/ below) moves on even if the page cannot follow.
+    const page = S.dash;
+    let d0 = null;
+    if (page && S.dashReady) {
+      d0 = await page.evaluate(readDash);
+      await page.evaluate(() => {
+        window.__marker = 'before-edit';
+      });
+    }
+    const navs = S.navigations;
+    writeSpec(locustfile('Web', [['alpha', '/beta']]));
+    const fresh = await waitFor('a new publication', 15_000, async () => {
+      const c = await currentSpec();
+      return c && c.sha256 !== old.sha256 ? c : null;
+    });
+    S.editedPath = '/beta';
+    try {
+      assert.ok(page && S.dashReady, 'the dashboard never rendered its first snapshot (test 2)');
+      await page.waitForFunction((sha) => document.querySelector('#spec-sha')?.dataset.sha === sha,
+        fresh.sha256, { timeout: 15_000 }).catch(async (e) => {
+        throw new Error(`#spec-sha did not change to ${fresh.sha256}: ${e.message}\npage: ${JSON.stringify(await page.evaluate(readDash))}`);
+      });
+      const d = await waitFor('both rows on the new sha', 30_000, async () => {
+        const d = await page.evaluate(readDash);
+        return d.rows.length === NODES && d.rows.every((r) => r.sha === fresh.sha256 && !r.lag) ? d : null;
+      }).catch(async (e) => {
+        throw new Error(`${e.message}\npage: ${JSON.stringify(await page.evaluate(readDash))}`);
+      });
+      assert.equal(await page.evaluate(() => window.__marker), 'before-edit', 'the page was reloaded');
+      assert.equal(S.navigations, navs, 'the page navigated');
+      assert.equal(d.shaText, fresh.sha256.slice(0, 12));
+      assert.ok(firstNumber(d.seq) > firstNumber(d0.seq), `#spec-seq went from ${d0.seq} to ${d.seq}`);
+      assert.equal(firstNumber(d.seq), fresh.sequence);
+      assert.equal(d.history[0], fresh.sha256, '#history starts with the new version');
+      assert.ok(d.history.includes(old.sha256), '#history keeps the old version');
+      assert.equal(d.history.length, d0.history.length + 1, '#history grew by one');
+      assert.equal(d.conn, 'live');
+      await waitFor('#lagging-count back at 0', 5_000, async () => firstNumber((await page.evaluate(readDash)).lagging) === 0);
+      await page.waitForTimeout(300);
+    } finally {
+      if (page) await shot(page, SHOT.after);
+    }
+  }));
+
+  test("4. /locust/ loads Locust's UI and its charts fetch stats through the proxy", { timeout: 50_000 }, guarded(async () => {
+    const ctx = S.good ?? (await S.browser.newContext({
+      ignoreHTTPSErrors: true,
+      httpCredentials: { username: 'fleet', password: S.password },
+    }));
+    // Locust's UI polls stats/requests only while the state it last saw is spawning or
+    // running. Right after the hot restart in test 3 the master can be briefly stopped (all
+    // old workers quit) until the controller starts the test again, and a page loaded then
+    // never polls again. So open it once the test runs the edited spec: the new generation of
+    // workers, one per agent, with the test back at its users (README, "What happens on a
+    // spec edit").
+    const want = S.editedPath ?? S.firstPath;
+    const settled = (b) => b && ['running', 'spawning'].includes(b.state) && b.worker_count === NODES &&
+      b.user_count === USERS && b.stats?.some((x) => x.name === want && x.num_requests > 0);
+    const brief = (b) => b && { state: b.state, worker_count: b.worker_count, user_count: b.user_count,
+      stats: b.stats?.map((x) => `${x.name}:${x.num_requests}`) };
+    let last = null;
+    const fail = (e) => {
+      throw new Error(`${e.message}\nlast seen: ${JSON.stringify(brief(last))}`);
+    };
+    const page = await ctx.newPage();
+    const isStats = (r) => new URL(r.url()).pathname.startsWith('/locust/stats/requests');
+    const feed = [];
+    let fetched = 0;
+    page.on('response', (r) => {
+      if (isStats(r)) {
+        feed.push(r);
+        fetched++;
+      }
+    });
+    try {
+      await waitFor(`the master running ${USERS} users on ${NODES} workers with requests to ${want}`, 30_000, async () => {
+        last = (await api('/locust/stats/requests')).json;
+        return settled(last);
+      }).catch(fail);
+      const stats = page.waitForResponse((r) => isStats(r) && r.status() === 200, { timeout: 20_000 });
+      stats.catch(() => {});
+      const resp = await page.goto(`${S.url}/locust/`);
+      assert.equal(resp.status(), 200);
+      assert.equal(new URL(page.url()).pathname, '/locust/');
+      await page.waitForSelector('#root > *', { timeout: 15_000 });
+      await stats;
+      // The charts keep fetching through the proxy and see what the master sees.
+      last = null;
+      await waitFor(`the UI's feed showing ${USERS} users on ${NODES} workers with requests to ${want}`, 15_000, async () => {
+        for (const r of feed.splice(0)) {
+          const b = r.status() === 200 ? await r.json().catch(() => null) : null;
+          if (b) last = b;
+          if (settled(b)) return true;
+        }
+        return false;
+      }).catch(fail);
+      // ... every 2 s, not only once when the page loads.
+      const seen = fetched;
+      await waitFor('another stats/requests fetch by the page', 6_000, () => fetched > seen);
+      await page.waitForTimeout(300);
+    } finally {
+      if (page.url() === 'about:blank') await page.goto(`${S.url}/locust/`).catch(() => {});
+      await shot(page, SHOT.locust);
+      await page.close();
+    }
+  }));
+
+  test('5. screenshots of every page are saved', guarded(async () => {
+    for (const f of Object.values(SHOT)) {
+      assert.ok(fs.existsSync(f), `${f} is missing`);
+      const head = fs.readFileSync(f).subarray(0, 8);
+      assert.deepEqual([...head], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a], `${f} is not a PNG`);
+    }
+    console.log(`screenshots: ${Object.values(SHOT).join(' ')}`);
+  }));
+});
