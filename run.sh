@@ -62,6 +62,13 @@ setup() {
         echo "setup: npm ci in tests/browser"
         (cd tests/browser && npm ci --no-audit --no-fund)
     fi
+    # Packer (Debian's 1.6), debootstrap and systemd-nspawn for the AMI suite (tests/ami/run.sh).
+    if ! command -v packer >/dev/null 2>&1 || [ ! -x /usr/sbin/debootstrap ] \
+        || [ ! -x /usr/bin/systemd-nspawn ]; then
+        echo "setup: installing packer debootstrap systemd-container"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y packer debootstrap systemd-container
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         echo "setup: creating .venv"
         python3 -m venv "$VENV"
@@ -95,6 +102,8 @@ test_all() {
     FLEET_TEST_LOCUST=$VENV/bin/locust cargo test --workspace --locked "$@"
     step browser
     FLEET_TEST_LOCUST=$VENV/bin/locust CARGO_TARGET_DIR=$TARGET_DIR node --test tests/browser/
+    step ami
+    FLEET_TEST_LOCUST=$VENV/bin/locust CARGO_TARGET_DIR=$TARGET_DIR tests/ami/run.sh
 }
 
 cmd=${1:-help}

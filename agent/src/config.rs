@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use fleet_common::manifest::VerifyKey;
 use serde::Deserialize;
 
-/// Where the baked-in config lives (the AMI bakes it there).
+/// Where the baked-in config lives. The AMI installs `ami/agent.toml` here, and the unit that
+/// starts the agent, `ami/fleet-agent.service`, passes no `--config` so this path applies
+/// (docs/ami.md).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fleet/agent.toml";
 
 /// Every key the agent understands. Unknown keys are refused so a typo is not silently ignored.
@@ -84,6 +86,8 @@ pub struct Config {
     pub max_unpacked_bytes: u64,
 }
 
+/// `StateDirectory=fleet-agent` in `ami/fleet-agent.service`: the one persistent place the
+/// hardened unit lets the agent write.
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/fleet-agent")
 }
