@@ -760,6 +760,37 @@ fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
 }
 
+/// How long until the node's max lifetime ends. On EC2 the lifetime is the node's, counted
+/// from boot, so an agent restarted by systemd (or crash-looping) cannot put the power-off
+/// off; elsewhere (local agents share a long-running machine) it counts from the agent's start.
+pub fn lifetime_left(max: Duration, backend: &str, uptime: Option<Duration>) -> Duration {
+    match (backend, uptime) {
+        ("ec2" | "asg", Some(up)) => max.saturating_sub(up),
+        _ => max,
+    }
+}
+
+/// How long this node (its PID 1, so a container's own boot too) has been up: the system's
+/// uptime less PID 1's start time (`/proc/1/stat` field 22, in USER_HZ ticks, 100 on Linux).
+fn node_uptime() -> Option<Duration> {
+    const USER_HZ: f64 = 100.0;
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string("/proc/1/stat").ok()?;
+    let start: f64 = stat
+        .rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs_f64((up - start / USER_HZ).max(0.0)))
+}
+
 pub fn default_node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -848,9 +879,10 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hb_tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms.max(100)));
+    let uptime = node_uptime();
     let lifetime_end = cfg
         .max_lifetime_s
-        .map(|s| TokioInstant::now() + Duration::from_secs(s));
+        .map(|s| TokioInstant::now() + lifetime_left(Duration::from_secs(s), &cfg.backend, uptime));
 
     loop {
         let deadline = agent.next_deadline().map(TokioInstant::from_std);
@@ -907,5 +939,31 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lifetime_of_an_ec2_node_counts_from_boot() {
+        let h = Duration::from_secs(3600);
+        let up = Some(Duration::from_secs(600));
+        assert_eq!(lifetime_left(h, "ec2", up), Duration::from_secs(3000));
+        assert_eq!(
+            lifetime_left(h, "asg", Some(Duration::from_secs(7200))),
+            Duration::ZERO
+        );
+        assert_eq!(
+            lifetime_left(h, "local", up),
+            h,
+            "a local agent counts from its own start"
+        );
+        assert_eq!(
+            lifetime_left(h, "ec2", None),
+            h,
+            "no /proc/uptime: from the agent's start"
+        );
     }
 }
