@@ -12,6 +12,7 @@ pub mod master;
 pub mod nginx;
 pub mod nodes;
 pub mod ops;
+pub mod procfs;
 pub mod proxy;
 pub mod publish;
 pub mod run;

@@ -248,17 +248,29 @@ pub struct Master {
 }
 
 fn alive_master(pid: u32) -> bool {
-    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .map(|r| r.trim_start().starts_with('Z'))
-        .unwrap_or(true);
-    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-    !zombie && args.iter().any(|a| *a == b"--master")
+    crate::procfs::live_process(pid, |args| args.iter().any(|a| *a == b"--master"))
+}
+
+/// Stops a master's process group: SIGTERM, up to [`STOP_GRACE`] for it to exit (our own
+/// child is waited for, an adopted one watched in /proc), then SIGKILL to whatever is left.
+async fn stop_group(p: u32, child: Option<&mut tokio::process::Child>) {
+    let group = Pid::from_raw(p as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    match child {
+        Some(c) => {
+            if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
+                let _ = killpg(group, Signal::SIGKILL);
+                let _ = c.wait().await;
+            }
+        }
+        None => {
+            let t = Instant::now();
+            while alive_master(p) && t.elapsed() < STOP_GRACE {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = killpg(group, Signal::SIGKILL);
 }
 
 impl Master {
@@ -453,19 +465,7 @@ impl Master {
                     Some(Cmd::Stop { reply }) => {
                         if let Some(p) = pid.take() {
                             log!("stopping the Locust master (pid {p})");
-                            let _ = killpg(Pid::from_raw(p as i32), Signal::SIGTERM);
-                            let gone = async {
-                                match child.as_mut() {
-                                    Some(c) => { let _ = c.wait().await; }
-                                    None => while alive_master(p) { tokio::time::sleep(Duration::from_millis(100)).await; },
-                                }
-                            };
-                            if tokio::time::timeout(STOP_GRACE, gone).await.is_err() {
-                                let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
-                                if let Some(c) = child.as_mut() {
-                                    let _ = c.wait().await;
-                                }
-                            }
+                            stop_group(p, child.as_mut()).await;
                         }
                         self.status.lock().unwrap().pid = None;
                         self.save();
@@ -486,19 +486,7 @@ impl Master {
                         }
                         if let Some(p) = pid.take() {
                             log!("user classes changed ({:?}): restarting the Locust master", classes);
-                            let _ = killpg(Pid::from_raw(p as i32), Signal::SIGTERM);
-                            if let Some(c) = child.as_mut() {
-                                if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
-                                    let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
-                                    let _ = c.wait().await;
-                                }
-                            } else {
-                                let t = Instant::now();
-                                while alive_master(p) && t.elapsed() < STOP_GRACE {
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                }
-                                let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
-                            }
+                            stop_group(p, child.as_mut()).await;
                             self.status.lock().unwrap().restarts += 1;
                         }
                         let res = match self.spawn(&new_dir, &log_path) {

@@ -37,19 +37,11 @@ pub fn find_agent(configured: &str) -> PathBuf {
 }
 
 fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .map(|r| r.trim_start().starts_with('Z'))
-        .unwrap_or(true);
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie
-        && cmd
-            .windows(b"fleet-agent".len())
-            .any(|w| w == b"fleet-agent")
+    let name = b"fleet-agent";
+    crate::procfs::live_process(pid, |args| {
+        args.iter()
+            .any(|a| a.windows(name.len()).any(|w| w == name))
+    })
 }
 
 impl Local {
