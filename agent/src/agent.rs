@@ -16,7 +16,7 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use fleet_common::bundle;
 use fleet_common::client::Client;
 use fleet_common::manifest::{self, Manifest, MasterAddr, Signed, VerifyKey, SIGNATURE_HEADER};
-use fleet_common::wire::{routes, Heartbeat, Running};
+use fleet_common::wire::{routes, Heartbeat, NodeStatus, Running};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
@@ -417,7 +417,7 @@ pub struct Agent {
     /// The newest release the controller published that this agent accepted.
     latest: Option<Release>,
     rejected: Option<String>,
-    status: &'static str,
+    status: NodeStatus,
     last_error: Option<String>,
     next_gen: u64,
     started: Instant,
@@ -539,10 +539,12 @@ impl Agent {
                 .as_ref()
                 .map(|r| r.manifest.bundle.sha256.clone()),
             workers,
-            status: self.status.into(),
+            status: self.status,
             last_error: self.last_error.clone(),
             rejected: self.rejected.clone(),
             uptime_s: self.started.elapsed().as_secs(),
+            update: None,
+            seen_sequence: None,
         }
     }
 
@@ -564,10 +566,10 @@ impl Agent {
         match &mut self.current {
             Some(g) if g.spec.same_workers(&spec) => {
                 g.spec.sequence = spec.sequence;
-                self.status = "running";
+                self.status = NodeStatus::Running;
             }
             _ => {
-                self.status = "starting";
+                self.status = NodeStatus::Starting;
                 self.switch_to(spec);
             }
         }
@@ -587,7 +589,7 @@ impl Agent {
             if old.spec.sha != bad {
                 let failed = self.current.replace(old).expect("current");
                 tokio::spawn(failed.set.stop());
-                self.status = "rolled_back";
+                self.status = NodeStatus::RolledBack;
                 self.publish();
                 return;
             }
@@ -600,9 +602,9 @@ impl Agent {
                 tokio::spawn(failed.set.stop());
                 let g = self.launch(spec);
                 self.current = Some(g);
-                self.status = "rolled_back";
+                self.status = NodeStatus::RolledBack;
             }
-            _ => self.status = "crash_loop",
+            _ => self.status = NodeStatus::CrashLoop,
         }
         self.publish();
     }
@@ -628,7 +630,7 @@ impl Agent {
         if young
             && !proven
             && cur.exits >= self.cfg.crash_loop_exits.max(1)
-            && self.status != "crash_loop"
+            && self.status != NodeStatus::CrashLoop
         {
             let why = format!(
                 "workers crash-looped ({} exits in {:.1}s, last: {})",
@@ -662,8 +664,8 @@ impl Agent {
             );
             tokio::spawn(old.set.stop());
         }
-        if self.status == "starting" {
-            self.status = "running";
+        if self.status == NodeStatus::Starting {
+            self.status = NodeStatus::Running;
         }
         self.publish();
     }
@@ -679,8 +681,8 @@ impl Agent {
                 } else {
                     let (old, _) = self.draining.take().expect("draining");
                     tokio::spawn(old.set.stop());
-                    if self.status == "starting" {
-                        self.status = "running";
+                    if self.status == NodeStatus::Starting {
+                        self.status = NodeStatus::Running;
                     }
                 }
                 self.publish();
@@ -689,8 +691,8 @@ impl Agent {
         if let Some(cur) = &self.current {
             // A first start has no overlap to end: it is running once its join grace passed.
             let joined = cur.started.elapsed() >= Duration::from_millis(self.cfg.join_grace_ms);
-            if joined && self.draining.is_none() && self.status == "starting" {
-                self.status = "running";
+            if joined && self.draining.is_none() && self.status == NodeStatus::Starting {
+                self.status = NodeStatus::Running;
                 self.publish();
             }
         }
@@ -722,7 +724,7 @@ impl Agent {
         let (Some(cur), Some(latest)) = (&self.current, &self.latest) else {
             return false;
         };
-        self.status != "crash_loop"
+        self.status != NodeStatus::CrashLoop
             && latest.manifest.bundle.sha256 == cur.spec.sha
             && RunSpec::of(latest).same_workers(&cur.spec)
             && self
@@ -734,7 +736,7 @@ impl Agent {
     fn next_deadline(&self) -> Option<Instant> {
         let mut d = self.draining.as_ref().map(|(_, t)| *t);
         if let Some(cur) = &self.current {
-            if self.status == "starting" && self.draining.is_none() {
+            if self.status == NodeStatus::Starting && self.draining.is_none() {
                 let t = cur.started + Duration::from_millis(self.cfg.join_grace_ms);
                 d = Some(d.map_or(t, |x| x.min(t)));
             }
@@ -829,10 +831,12 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         running: None,
         last_good: None,
         workers: vec![],
-        status: "waiting".into(),
+        status: NodeStatus::Waiting,
         last_error: None,
         rejected: None,
         uptime_s: 0,
+        update: None,
+        seen_sequence: None,
     });
     let mut agent = Agent {
         cfg: cfg.clone(),
@@ -844,7 +848,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         last_good: last_good.clone(),
         latest: None,
         rejected: None,
-        status: "waiting",
+        status: NodeStatus::Waiting,
         last_error: None,
         next_gen: 0,
         started: Instant::now(),
@@ -860,7 +864,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         // Start from disk at once; the controller's current manifest replaces it if newer.
         agent.latest = Some(good.clone());
         let spec = RunSpec::of(good);
-        agent.status = "offline_fallback";
+        agent.status = NodeStatus::OfflineFallback;
         agent.switch_to(spec);
         agent.publish();
     }
@@ -897,16 +901,16 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
                 Poll::Unreachable(line) => {
                     log!("controller unreachable ({line}); keeping the current workers and retrying");
                     if agent.current.is_none() {
-                        agent.status = "waiting";
-                    } else if agent.status == "running" {
-                        agent.status = "offline_fallback";
+                        agent.status = NodeStatus::Waiting;
+                    } else if agent.status == NodeStatus::Running {
+                        agent.status = NodeStatus::OfflineFallback;
                     }
                     agent.last_error = Some(line);
                     agent.publish();
                 }
                 Poll::Reachable => {
-                    if agent.status == "offline_fallback" {
-                        agent.status = "running";
+                    if agent.status == NodeStatus::OfflineFallback {
+                        agent.status = NodeStatus::Running;
                     }
                     agent.publish();
                 }

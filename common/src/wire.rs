@@ -49,6 +49,76 @@ pub struct Running {
     pub since_ms: u64,
 }
 
+/// How the agent's workers are, as its heartbeat reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Nothing to run yet: no publication received and no last good bundle on disk.
+    Waiting,
+    /// Workers of a new bundle were spawned and have not all joined the master yet.
+    Starting,
+    Running,
+    /// A bundle's workers crash-looped; the workers run the last good bundle again.
+    RolledBack,
+    /// A bundle's workers crash-loop and there is no other bundle to go back to.
+    CrashLoop,
+    /// The controller cannot be reached; the workers run the last good bundle from disk.
+    OfflineFallback,
+}
+
+impl NodeStatus {
+    pub const ALL: [NodeStatus; 6] = [
+        NodeStatus::Waiting,
+        NodeStatus::Starting,
+        NodeStatus::Running,
+        NodeStatus::RolledBack,
+        NodeStatus::CrashLoop,
+        NodeStatus::OfflineFallback,
+    ];
+
+    /// The wire name (`rolled_back`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Waiting => "waiting",
+            NodeStatus::Starting => "starting",
+            NodeStatus::Running => "running",
+            NodeStatus::RolledBack => "rolled_back",
+            NodeStatus::CrashLoop => "crash_loop",
+            NodeStatus::OfflineFallback => "offline_fallback",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an agent stands with a publication newer than the one it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// Fetching the bundle failed for a transient reason (a reset, a timeout, an HTTP 5xx);
+    /// the agent retries with backoff until it succeeds or a newer publication supersedes it.
+    Retrying,
+    /// The manifest or bundle failed verification (signature, sha256, size cap, unsafe path):
+    /// this sequence is used up and never fetched again.
+    Refused,
+}
+
+/// A publication the agent has seen but does not run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    pub sequence: u64,
+    pub sha256: String,
+    pub state: UpdateState,
+    /// Fetch attempts so far.
+    pub attempts: u32,
+    /// The last error, one line.
+    pub error: String,
+}
+
 /// What an agent says about itself, every few seconds and at once on every change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -61,13 +131,20 @@ pub struct Heartbeat {
     /// The bundle the agent falls back to.
     pub last_good: Option<String>,
     pub workers: Vec<WorkerReport>,
-    /// `running`, `starting`, `rolled_back`, `crash_loop`, `offline_fallback`, `waiting`.
-    pub status: String,
+    pub status: NodeStatus,
     /// The last refusal or error, one line.
     pub last_error: Option<String>,
     /// A bundle refused after its workers crash-looped.
     pub rejected: Option<String>,
     pub uptime_s: u64,
+    /// A newer publication being retried or refused, if any.
+    #[serde(default)]
+    pub update: Option<Update>,
+    /// The highest sequence this agent has accepted (run, retrying, or refused): it answers
+    /// only manifests above it. A controller that lost its state learns from it where to
+    /// continue counting (docs/protocol.md, "State loss").
+    #[serde(default)]
+    pub seen_sequence: Option<u64>,
 }
 
 /// A node as the controller knows it (`GET /api/nodes`).

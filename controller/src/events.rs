@@ -263,7 +263,9 @@ mod tests {
 
     use fleet_common::bundle::{pack_dir, Limits};
     use fleet_common::manifest::{MasterAddr, SigningKey};
-    use fleet_common::wire::{Heartbeat, Running, SpecVersion, WorkerReport, WorkerState};
+    use fleet_common::wire::{
+        Heartbeat, NodeStatus, Running, SpecVersion, WorkerReport, WorkerState,
+    };
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -305,10 +307,12 @@ mod tests {
                 restarts: 0,
                 last_exit: None,
             }],
-            status: "running".into(),
+            status: NodeStatus::Running,
             last_error: None,
             rejected: None,
             uptime_s: 7,
+            update: None,
+            seen_sequence: None,
         }
     }
 
@@ -434,7 +438,7 @@ mod tests {
         assert_ne!(a.key(), b.key(), "another address is news");
         b.nodes[0].addr = a.nodes[0].addr.clone();
         assert_eq!(a.key(), b.key());
-        b.nodes[0].heartbeat.status = "rolled_back".into();
+        b.nodes[0].heartbeat.status = NodeStatus::RolledBack;
         assert_ne!(a.key(), b.key());
     }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use fleet_common::wire::{routes, NodeView};
+use fleet_common::wire::{routes, NodeStatus, NodeView};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -262,7 +262,7 @@ pub struct StatusRow {
     pub launched: u64,
     pub running: Option<String>,
     pub sequence: Option<u64>,
-    pub status: Option<String>,
+    pub status: Option<NodeStatus>,
     pub workers: Vec<String>,
     pub heartbeat_age_s: Option<f64>,
     /// Running according to the backend, but no recent heartbeat.
@@ -288,7 +288,7 @@ pub fn join_status(observed: &[NodeInfo], views: &[NodeView]) -> Vec<StatusRow> 
                 launched: n.launched,
                 running: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sha256.clone())),
                 sequence: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sequence)),
-                status: v.map(|v| v.heartbeat.status.clone()),
+                status: v.map(|v| v.heartbeat.status),
                 workers: v
                     .map(|v| {
                         v.heartbeat
@@ -334,7 +334,7 @@ pub fn print_status(rows: &[StatusRow]) {
             r.sequence
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.status.as_deref().unwrap_or("-"),
+            r.status.map(NodeStatus::as_str).unwrap_or("-"),
             if r.workers.is_empty() {
                 "-".to_string()
             } else {

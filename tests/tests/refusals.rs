@@ -23,7 +23,7 @@ use fleet_common::bundle::{self, Limits, Packed};
 use fleet_common::manifest::{
     BundleRef, Manifest, MasterAddr, Signed, SigningKey, FORMAT, SIGNATURE_HEADER,
 };
-use fleet_common::wire::{Heartbeat, WorkerState};
+use fleet_common::wire::{Heartbeat, NodeStatus, WorkerState};
 use fleet_tests::bin;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -688,7 +688,7 @@ fn check_heartbeats(hbs: &[Heartbeat], s: &Steady, case: &str, agent: &Agent) {
         );
         assert_eq!(w.state, WorkerState::Running, "{}", ctx());
         assert_eq!(w.restarts, 0, "{}", ctx());
-        assert_eq!(hb.status, "running", "{}", ctx());
+        assert_eq!(hb.status, NodeStatus::Running, "{}", ctx());
         assert_eq!(hb.rejected, None, "{}", ctx());
     }
 }

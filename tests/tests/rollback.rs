@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleet_common::wire::WorkerState;
+use fleet_common::wire::{NodeStatus, WorkerState};
 use fleet_tests::{locustfile, start_target, wait_for, Fleet, Options};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,7 +56,7 @@ async fn crash_looping_spec_is_rolled_back_to_the_last_good_one() {
             let done = n.len() == 2
                 && n.iter().all(|v| {
                     let hb = &v.heartbeat;
-                    hb.status == "rolled_back"
+                    hb.status == NodeStatus::RolledBack
                         && hb.rejected.as_deref() == Some(sha2.as_str())
                         && hb.running.as_ref().is_some_and(|r| r.sha256 == sha1)
                         && hb.workers.iter().all(|w| w.state == WorkerState::Running)
