@@ -16,7 +16,7 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use fleet_common::bundle;
 use fleet_common::client::Client;
 use fleet_common::manifest::{self, Manifest, MasterAddr, Signed, VerifyKey, SIGNATURE_HEADER};
-use fleet_common::wire::{routes, Heartbeat, NodeStatus, Running};
+use fleet_common::wire::{routes, Heartbeat, NodeStatus, Running, Update, UpdateState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
@@ -111,6 +111,8 @@ struct Gen {
 enum Poll {
     Release(Box<Release>),
     Refused(String),
+    /// A newer publication is being retried, or was refused.
+    Update(Update),
     Unreachable(String),
     Reachable,
 }
@@ -202,6 +204,22 @@ impl Store {
     }
 }
 
+/// Why a publication's bundle did not become a [`Release`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FetchError {
+    /// The download failed on the way (a reset, a stall, a timeout, the controller answering
+    /// other than 200): fetch it again after a backoff.
+    Transient(String),
+    /// The bundle failed verification (size cap, sha256, unsafe content, no locustfile): this
+    /// sequence is used up.
+    Refused(String),
+}
+
+/// No data for this long ends a bundle download as stalled (it is then retried). A download
+/// that keeps moving, however slowly (a thousand agents fetching a big bundle at once), has
+/// no overall deadline.
+const DOWNLOAD_IDLE: Duration = Duration::from_secs(15);
+
 /// Fetches, verifies and unpacks the bundle a verified manifest names (if not on disk yet).
 async fn materialise(
     client: &Client,
@@ -209,39 +227,43 @@ async fn materialise(
     store: &Store,
     m: Manifest,
     signed: Signed,
-) -> Result<Release, String> {
+) -> Result<Release, FetchError> {
+    use FetchError::{Refused, Transient};
     let dir = store.bundle_dir(&m.bundle.sha256);
     if !dir.join(&m.locustfile).is_file() {
         if m.bundle.size > cfg.max_bundle_bytes {
-            return Err(format!(
+            return Err(Refused(format!(
                 "bundle {} is {} bytes, over the cap of {}",
                 m.bundle.sha256, m.bundle.size, cfg.max_bundle_bytes
-            ));
+            )));
         }
         let path = format!("{}/{}", routes::BUNDLES, m.bundle.sha256);
         let resp = client
-            .get(
-                &path,
-                Duration::from_secs(120),
-                cfg.max_bundle_bytes as usize + 1,
-            )
+            .download(&path, DOWNLOAD_IDLE, cfg.max_bundle_bytes as usize + 1)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                if e.is_transient() {
+                    Transient(e.to_string())
+                } else {
+                    Refused(e.to_string())
+                }
+            })?;
         if resp.status != 200 {
-            return Err(format!("GET {path}: HTTP {}", resp.status));
+            return Err(Transient(format!("GET {path}: HTTP {}", resp.status)));
         }
-        manifest::check_bundle(&m, &resp.body).map_err(|e| e.to_string())?;
+        manifest::check_bundle(&m, &resp.body).map_err(|e| Refused(e.to_string()))?;
         if dir.exists() {
             // A directory without its locustfile is debris from an interrupted unpack.
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| Transient(format!("{}: {e}", dir.display())))?;
         }
-        bundle::unpack(&resp.body, &dir, &cfg.limits()).map_err(|e| e.to_string())?;
+        bundle::unpack(&resp.body, &dir, &cfg.limits()).map_err(|e| Refused(e.to_string()))?;
         if !dir.join(&m.locustfile).is_file() {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(format!(
+            return Err(Refused(format!(
                 "bundle {} has no {}",
                 m.bundle.sha256, m.locustfile
-            ));
+            )));
         }
     }
     Ok(Release {
@@ -251,20 +273,104 @@ async fn materialise(
     })
 }
 
+/// Capped exponential backoff with jitter for the poller's retries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: RETRY_INITIAL,
+        }
+    }
+
+    /// The wait before the next try, given a jitter fraction in [0, 1): the current delay plus
+    /// up to half of it again; the delay then doubles up to [`RETRY_MAX`].
+    fn step(&mut self, jitter: f64) -> Duration {
+        let wait = self.next + self.next.mul_f64(jitter.clamp(0.0, 1.0) * 0.5);
+        self.next = (self.next * 2).min(RETRY_MAX);
+        wait
+    }
+}
+
+/// The poller's record of the publications it has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Seen {
+    /// The highest sequence used up: run, or refused. Long-polls ask for newer ones only.
+    floor: Option<u64>,
+    /// A newer publication whose bundle could not be fetched yet, or was refused.
+    update: Option<Update>,
+}
+
+impl Seen {
+    /// Records the outcome of fetching the bundle of sequence `seq` (`sha`): a success or a
+    /// refusal uses the sequence up; a transient failure leaves it to be tried again, counting
+    /// the attempts for that very sequence.
+    fn fetched(&mut self, seq: u64, sha: &str, outcome: Result<(), &FetchError>) {
+        match outcome {
+            Ok(()) => {
+                self.floor = Some(seq);
+                self.update = None;
+            }
+            Err(FetchError::Refused(e)) => {
+                self.floor = Some(seq);
+                self.update = Some(Update {
+                    sequence: seq,
+                    sha256: sha.to_string(),
+                    state: UpdateState::Refused,
+                    attempts: 1,
+                    error: e.clone(),
+                });
+            }
+            Err(FetchError::Transient(e)) => {
+                let attempts = match &self.update {
+                    Some(u) if u.sequence == seq && u.state == UpdateState::Retrying => {
+                        u.attempts.saturating_add(1)
+                    }
+                    _ => 1,
+                };
+                self.update = Some(Update {
+                    sequence: seq,
+                    sha256: sha.to_string(),
+                    state: UpdateState::Retrying,
+                    attempts,
+                    error: e.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// What went wrong in one round of the poller.
+enum Failure {
+    /// The controller could not be reached at all.
+    Unreachable(String),
+    /// It answered, but not with something usable (a refused manifest, an HTTP error).
+    Answer(String),
+    /// A bundle download failed on the way; already reported as an [`Update`].
+    Retry,
+}
+
 async fn poller(
     client: Client,
     cfg: Arc<Config>,
     store: Arc<Store>,
-    mut floor: Option<u64>,
+    floor: Option<u64>,
     tx: mpsc::UnboundedSender<Poll>,
 ) {
     let vk = cfg.verify_key();
-    let mut retry = RETRY_INITIAL;
+    let mut backoff = Backoff::new();
     let mut reachable: Option<bool> = None;
+    let mut seen = Seen {
+        floor,
+        update: None,
+    };
     loop {
         // Always a long-poll: before anything is published the controller holds the request
         // until the first publication instead of answering 404 at once.
-        let path = match floor {
+        let path = match seen.floor {
             Some(s) => format!("{}?after={s}&wait={}", routes::MANIFEST, cfg.poll_wait_s),
             None => format!("{}?wait={}", routes::MANIFEST, cfg.poll_wait_s),
         };
@@ -273,7 +379,8 @@ async fn poller(
             .await;
         let mut failed = None;
         match res {
-            Err(e) => failed = Some(e.to_string()),
+            Err(e) if e.is_unreachable() => failed = Some(Failure::Unreachable(e.to_string())),
+            Err(e) => failed = Some(Failure::Answer(e.to_string())),
             Ok(r) => {
                 if reachable != Some(true) {
                     reachable = Some(true);
@@ -283,28 +390,36 @@ async fn poller(
                     200 => {
                         let sig = r.header(SIGNATURE_HEADER).unwrap_or("").to_string();
                         match vk.verify_b64(&r.body, &sig) {
-                            Err(e) => failed = Some(format!("refused manifest: {e}")),
+                            Err(e) => {
+                                failed = Some(Failure::Answer(format!("refused manifest: {e}")))
+                            }
                             Ok(m) => {
-                                if let Err(e) = manifest::check_sequence(&m, floor) {
-                                    failed = Some(format!("refused manifest: {e}"));
-                                } else if Some(m.sequence) != floor {
-                                    floor = Some(m.sequence);
+                                if let Err(e) = manifest::check_sequence(&m, seen.floor) {
+                                    failed =
+                                        Some(Failure::Answer(format!("refused manifest: {e}")));
+                                } else if Some(m.sequence) != seen.floor {
                                     let signed = Signed {
                                         bytes: r.body.to_vec(),
                                         signature: B64.decode(sig.trim()).unwrap_or_default(),
                                     };
-                                    let seq = m.sequence;
-                                    match materialise(&client, &cfg, &store, m, signed).await {
+                                    let (seq, sha) = (m.sequence, m.bundle.sha256.clone());
+                                    let res = materialise(&client, &cfg, &store, m, signed).await;
+                                    seen.fetched(seq, &sha, res.as_ref().map(|_| ()));
+                                    match res {
                                         Ok(rel) => {
                                             let _ = tx.send(Poll::Release(Box::new(rel)));
                                         }
-                                        Err(e) => {
-                                            // The sequence stays consumed: the same bad bundle is
-                                            // not fetched again, a newer publication is.
+                                        Err(FetchError::Refused(e)) => {
                                             let _ = tx.send(Poll::Refused(format!(
                                                 "refused bundle of sequence {seq}: {e}"
                                             )));
                                         }
+                                        Err(FetchError::Transient(_)) => {
+                                            failed = Some(Failure::Retry)
+                                        }
+                                    }
+                                    if let Some(u) = &seen.update {
+                                        let _ = tx.send(Poll::Update(u.clone()));
                                     }
                                 }
                             }
@@ -316,25 +431,31 @@ async fn poller(
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                     }
-                    s => failed = Some(format!("GET {}: HTTP {s}", routes::MANIFEST)),
+                    s => {
+                        failed = Some(Failure::Answer(format!(
+                            "GET {}: HTTP {s}",
+                            routes::MANIFEST
+                        )))
+                    }
                 }
             }
         }
         match failed {
-            None => retry = RETRY_INITIAL,
-            Some(line) => {
-                let unreachable = !line.starts_with("refused") && !line.starts_with("GET");
-                if unreachable {
-                    if reachable != Some(false) {
-                        reachable = Some(false);
-                        let _ = tx.send(Poll::Unreachable(line));
+            None => backoff = Backoff::new(),
+            Some(f) => {
+                match f {
+                    Failure::Unreachable(line) => {
+                        if reachable != Some(false) {
+                            reachable = Some(false);
+                            let _ = tx.send(Poll::Unreachable(line));
+                        }
                     }
-                } else {
-                    let _ = tx.send(Poll::Refused(line));
+                    Failure::Answer(line) => {
+                        let _ = tx.send(Poll::Refused(line));
+                    }
+                    Failure::Retry => {}
                 }
-                let jitter = retry.mul_f64(jitter_fraction() * 0.5);
-                tokio::time::sleep(retry + jitter).await;
-                retry = (retry * 2).min(RETRY_MAX);
+                tokio::time::sleep(backoff.step(jitter_fraction())).await;
             }
         }
     }
@@ -417,6 +538,8 @@ pub struct Agent {
     /// The newest release the controller published that this agent accepted.
     latest: Option<Release>,
     rejected: Option<String>,
+    /// A newer publication the poller is retrying or refused.
+    update: Option<Update>,
     status: NodeStatus,
     last_error: Option<String>,
     next_gen: u64,
@@ -543,9 +666,42 @@ impl Agent {
             last_error: self.last_error.clone(),
             rejected: self.rejected.clone(),
             uptime_s: self.started.elapsed().as_secs(),
-            update: None,
-            seen_sequence: None,
+            update: self.update.clone(),
+            seen_sequence: self.seen_sequence(),
         }
+    }
+
+    /// The highest sequence this agent knows of: the latest it accepted, the one it retries or
+    /// refused, or the one on disk.
+    fn seen_sequence(&self) -> Option<u64> {
+        [
+            self.latest.as_ref().map(|r| r.manifest.sequence),
+            self.update.as_ref().map(|u| u.sequence),
+            self.last_good.as_ref().map(|r| r.manifest.sequence),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
+    /// The poller retries or refused a newer publication.
+    fn on_update(&mut self, u: Update) {
+        if self
+            .latest
+            .as_ref()
+            .is_some_and(|r| r.manifest.sequence >= u.sequence)
+        {
+            return;
+        }
+        if u.state == UpdateState::Retrying && u.attempts == 1 {
+            log!(
+                "cannot fetch the bundle of sequence {} yet ({}); retrying",
+                u.sequence,
+                u.error
+            );
+        }
+        self.update = Some(u);
+        self.publish();
     }
 
     fn publish(&self) {
@@ -572,6 +728,13 @@ impl Agent {
                 self.status = NodeStatus::Starting;
                 self.switch_to(spec);
             }
+        }
+        if self
+            .update
+            .as_ref()
+            .is_some_and(|u| u.sequence <= rel.manifest.sequence)
+        {
+            self.update = None;
         }
         self.latest = Some(rel);
         self.publish();
@@ -848,6 +1011,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         last_good: last_good.clone(),
         latest: None,
         rejected: None,
+        update: None,
         status: NodeStatus::Waiting,
         last_error: None,
         next_gen: 0,
@@ -893,6 +1057,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
         tokio::select! {
             Some(p) = poll_rx.recv() => match p {
                 Poll::Release(rel) => agent.on_release(*rel),
+                Poll::Update(u) => agent.on_update(u),
                 Poll::Refused(line) => {
                     log!("{line}");
                     agent.last_error = Some(line);
@@ -949,6 +1114,55 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_to_a_cap_with_at_most_half_again_of_jitter() {
+        let mut b = Backoff::new();
+        assert_eq!(b.step(0.0), RETRY_INITIAL);
+        assert_eq!(b.step(0.0), RETRY_INITIAL * 2);
+        let waits: Vec<Duration> = (0..10).map(|_| b.step(0.999)).collect();
+        assert!(waits.iter().all(|w| *w < RETRY_MAX.mul_f64(1.5)));
+        assert!(*waits.last().unwrap() >= RETRY_MAX, "{waits:?}");
+        assert_eq!(Backoff::new().step(1.0), RETRY_INITIAL.mul_f64(1.5));
+    }
+
+    #[test]
+    fn a_transient_failure_keeps_the_sequence_open_and_counts_attempts() {
+        let mut s = Seen {
+            floor: Some(40),
+            update: None,
+        };
+        let reset = FetchError::Transient("connection reset".into());
+        s.fetched(41, "aa", Err(&reset));
+        s.fetched(41, "aa", Err(&reset));
+        assert_eq!(s.floor, Some(40), "41 is asked for again");
+        let u = s.update.clone().unwrap();
+        assert_eq!(
+            (u.sequence, u.state, u.attempts),
+            (41, UpdateState::Retrying, 2)
+        );
+        // A newer publication supersedes it: attempts start again.
+        s.fetched(42, "bb", Err(&reset));
+        assert_eq!(s.update.as_ref().unwrap().attempts, 1);
+        s.fetched(42, "bb", Ok(()));
+        assert_eq!(
+            s,
+            Seen {
+                floor: Some(42),
+                update: None
+            }
+        );
+    }
+
+    #[test]
+    fn only_a_refusal_uses_up_a_sequence() {
+        let mut s = Seen::default();
+        s.fetched(7, "cc", Err(&FetchError::Refused("sha256 mismatch".into())));
+        assert_eq!(s.floor, Some(7));
+        let u = s.update.unwrap();
+        assert_eq!((u.sequence, u.state), (7, UpdateState::Refused));
+        assert_eq!(u.error, "sha256 mismatch");
+    }
 
     #[test]
     fn the_lifetime_of_an_ec2_node_counts_from_boot() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -34,8 +34,12 @@ pub enum ClientError {
     },
     #[error("HTTP error talking to {addr}: {source}")]
     Http { addr: String, source: hyper::Error },
-    #[error("response body from {addr} exceeds {limit} bytes or broke off")]
+    #[error("response body from {addr} exceeds {limit} bytes")]
     Body { addr: String, limit: usize },
+    #[error("response body from {addr} broke off: {source}")]
+    BodyBroken { addr: String, source: hyper::Error },
+    #[error("response from {addr} stalled: no data for {after:?}")]
+    Stalled { addr: String, after: Duration },
     #[error("request to {addr} timed out after {after:?}")]
     Timeout { addr: String, after: Duration },
 }
@@ -46,6 +50,15 @@ impl ClientError {
         matches!(
             self,
             ClientError::Connect { .. } | ClientError::Timeout { .. }
+        )
+    }
+
+    /// Whether trying again later may succeed: everything but a bad URL or CA, and a body
+    /// over the caller's limit (the answer itself is wrong, not the way it came).
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            ClientError::BadUrl(_) | ClientError::BadCa(_) | ClientError::Body { .. }
         )
     }
 }
@@ -167,6 +180,19 @@ impl Client {
             .await
     }
 
+    /// A GET for a large body with no overall deadline: it fails once no data arrived for
+    /// `idle` (for the answer's head or any part of its body), so a slow but moving download
+    /// completes and a stalled one is given up quickly.
+    pub async fn download(
+        &self,
+        path: &str,
+        idle: Duration,
+        max_body: usize,
+    ) -> Result<Response, ClientError> {
+        self.request_inner(Method::GET, path, None, max_body, Some(idle))
+            .await
+    }
+
     pub async fn post_json(
         &self,
         path: &str,
@@ -192,7 +218,11 @@ impl Client {
         max_body: usize,
     ) -> Result<Response, ClientError> {
         let addr = self.addr();
-        match tokio::time::timeout(timeout, self.request_inner(method, path, body, max_body)).await
+        match tokio::time::timeout(
+            timeout,
+            self.request_inner(method, path, body, max_body, None),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
@@ -208,6 +238,7 @@ impl Client {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
         max_body: usize,
+        idle: Option<Duration>,
     ) -> Result<Response, ClientError> {
         let addr = self.addr();
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -251,29 +282,65 @@ impl Client {
         let req = req
             .body(Full::new(payload))
             .map_err(|_| ClientError::BadUrl(path.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
+        let resp = within(idle, &addr, sender.send_request(req))
+            .await?
             .map_err(|source| ClientError::Http {
                 addr: addr.clone(),
                 source,
             })?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, max_body)
-            .collect()
-            .await
-            .map_err(|_| ClientError::Body {
-                addr: addr.clone(),
-                limit: max_body,
-            })?
-            .to_bytes();
+        let body = read_body(body, max_body, idle, &addr).await;
         driver.abort();
+        let body = body?;
         Ok(Response {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
         })
     }
+}
+
+/// `fut`, failing as [`ClientError::Stalled`] if `idle` passes first.
+async fn within<T>(
+    idle: Option<Duration>,
+    addr: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ClientError> {
+    match idle {
+        None => Ok(fut.await),
+        Some(after) => tokio::time::timeout(after, fut)
+            .await
+            .map_err(|_| ClientError::Stalled {
+                addr: addr.to_string(),
+                after,
+            }),
+    }
+}
+
+/// Reads a whole body of at most `max` bytes, each frame within `idle` of the last.
+async fn read_body(
+    mut body: hyper::body::Incoming,
+    max: usize,
+    idle: Option<Duration>,
+    addr: &str,
+) -> Result<Bytes, ClientError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = within(idle, addr, body.frame()).await? {
+        let frame = frame.map_err(|source| ClientError::BodyBroken {
+            addr: addr.to_string(),
+            source,
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > max {
+                return Err(ClientError::Body {
+                    addr: addr.to_string(),
+                    limit: max,
+                });
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
 }
 
 #[cfg(test)]

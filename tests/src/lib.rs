@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aws;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::TcpListener;
