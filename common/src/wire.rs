@@ -15,6 +15,10 @@ pub mod routes {
     pub const API_MASTER: &str = "/api/master";
 }
 
+/// The highest sequence number a controller learns from an agent's heartbeat (2^53, so it
+/// survives any JSON reader): a forged heartbeat can push the count up to here, no further.
+pub const MAX_SEQUENCE: u64 = 1 << 53;
+
 /// Longest long-poll the controller holds, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
 

@@ -13,7 +13,7 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use bytes::Bytes;
 use fleet_common::bundle::Packed;
 use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT};
-use fleet_common::wire::{SpecVersion, SpecView};
+use fleet_common::wire::{Heartbeat, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
 /// One published version, as served.
@@ -60,6 +60,43 @@ struct Inner {
     /// Newest last.
     history: VecDeque<Arc<Publication>>,
     last_error: Option<String>,
+    /// The highest sequence an agent reported: publications count on from above it.
+    learned: u64,
+}
+
+/// The sequence a heartbeat shows this controller must count past, if any: the agent has
+/// seen a sequence above the current publication (it then answers nothing at or below it),
+/// or the current sequence itself but with another bundle (a publication of a controller
+/// that lost its `state/`). An agent that refused the current publication has seen its
+/// sequence with the same bundle: republishing the same bundle would only be refused again.
+pub fn count_past(hb: &Heartbeat, current: Option<&Manifest>) -> Option<u64> {
+    let seen = hb.seen_sequence?.min(MAX_SEQUENCE);
+    let Some(cur) = current else {
+        return Some(seen);
+    };
+    if seen > cur.sequence {
+        return Some(seen);
+    }
+    if seen < cur.sequence {
+        return None;
+    }
+    let sha_at_seen = [
+        hb.running
+            .as_ref()
+            .filter(|r| r.sequence == seen)
+            .map(|r| r.sha256.as_str()),
+        hb.update
+            .as_ref()
+            .filter(|u| u.sequence == seen)
+            .map(|u| u.sha256.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    .next();
+    match sha_at_seen {
+        Some(sha) if sha != cur.bundle.sha256 => Some(seen),
+        _ => None,
+    }
 }
 
 pub fn rfc3339_now() -> String {
@@ -117,6 +154,7 @@ impl Publisher {
             inner: Mutex::new(Inner {
                 history,
                 last_error: None,
+                learned: 0,
             }),
             tx,
         };
@@ -197,11 +235,54 @@ impl Publisher {
         .map(Some)
     }
 
+    /// Counts on from above `seen`, a sequence an agent has seen ([`count_past`]): the current
+    /// publication, if it is not above it already, is published again above it, so that agent
+    /// takes it. Returns the new publication, if there is one.
+    pub fn learn(&self, seen: u64) -> Result<Option<Arc<Publication>>> {
+        let seen = seen.min(MAX_SEQUENCE);
+        let cur = {
+            let mut inner = self.inner.lock().unwrap();
+            if seen <= inner.learned {
+                return Ok(None);
+            }
+            inner.learned = seen;
+            match inner.history.back() {
+                Some(cur) if cur.manifest.sequence <= seen => cur.clone(),
+                _ => return Ok(None),
+            }
+        };
+        let target = Target {
+            master: cur.manifest.master.clone(),
+            master_epoch: cur.manifest.master_epoch,
+            worker_args: cur.manifest.worker_args.clone(),
+        };
+        self.publish_inner(
+            &cur.manifest.bundle.sha256,
+            cur.bundle.clone(),
+            &target,
+            true,
+        )
+        .map(Some)
+    }
+
     fn publish_bytes(&self, sha: &str, bundle: Bytes, target: &Target) -> Result<Arc<Publication>> {
+        self.publish_inner(sha, bundle, target, false)
+    }
+
+    /// Publishes unless the current publication is exactly this one (`again` publishes anyway,
+    /// with a new sequence).
+    fn publish_inner(
+        &self,
+        sha: &str,
+        bundle: Bytes,
+        target: &Target,
+        again: bool,
+    ) -> Result<Arc<Publication>> {
         let mut inner = self.inner.lock().unwrap();
         if let Some(cur) = inner.history.back() {
             let m = &cur.manifest;
-            if m.bundle.sha256 == sha
+            if !again
+                && m.bundle.sha256 == sha
                 && m.master == target.master
                 && m.master_epoch == target.master_epoch
                 && m.worker_args == target.worker_args
@@ -214,7 +295,7 @@ impl Publisher {
             .back()
             .map(|p| p.manifest.sequence)
             .unwrap_or(0);
-        let sequence = last.max(self.highest_sequence_on_disk()) + 1;
+        let sequence = last.max(inner.learned).max(self.highest_sequence_on_disk()) + 1;
         let manifest = Manifest {
             format: FORMAT,
             fleet: self.fleet.clone(),
@@ -297,6 +378,115 @@ mod tests {
             master_epoch: epoch,
             worker_args: vec![],
         }
+    }
+
+    fn hb(seen: Option<u64>, running: Option<(u64, &str)>) -> Heartbeat {
+        Heartbeat {
+            node_id: "n".into(),
+            backend: "local".into(),
+            agent_version: "0".into(),
+            running: running.map(|(sequence, sha)| fleet_common::wire::Running {
+                sha256: sha.into(),
+                sequence,
+                master_epoch: 1,
+                since_ms: 0,
+            }),
+            last_good: None,
+            workers: vec![],
+            status: fleet_common::wire::NodeStatus::Running,
+            last_error: None,
+            rejected: None,
+            uptime_s: 0,
+            update: None,
+            seen_sequence: seen,
+        }
+    }
+
+    fn manifest(sequence: u64, sha: &str) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            fleet: "t".into(),
+            sequence,
+            bundle: BundleRef {
+                sha256: sha.into(),
+                size: 1,
+            },
+            locustfile: "locustfile.py".into(),
+            master: target(1).master,
+            master_epoch: 1,
+            worker_args: vec![],
+            created: rfc3339_now(),
+        }
+    }
+
+    #[test]
+    fn an_agent_ahead_of_the_current_publication_is_counted_past() {
+        let cur = manifest(5, "aa");
+        assert_eq!(
+            count_past(&hb(Some(40), Some((40, "bb"))), Some(&cur)),
+            Some(40)
+        );
+        assert_eq!(count_past(&hb(Some(4), Some((4, "bb"))), Some(&cur)), None);
+        assert_eq!(
+            count_past(&hb(Some(5), Some((5, "aa"))), Some(&cur)),
+            None,
+            "in step"
+        );
+        assert_eq!(
+            count_past(&hb(Some(5), Some((5, "bb"))), Some(&cur)),
+            Some(5),
+            "the same number from another life of the controller"
+        );
+        let mut refused = hb(Some(5), Some((4, "cc")));
+        refused.update = Some(fleet_common::wire::Update {
+            sequence: 5,
+            sha256: "aa".into(),
+            state: fleet_common::wire::UpdateState::Refused,
+            attempts: 1,
+            error: "over the cap".into(),
+        });
+        assert_eq!(
+            count_past(&refused, Some(&cur)),
+            None,
+            "publishing a refused bundle again would only be refused again"
+        );
+        assert_eq!(
+            count_past(&hb(None, None), Some(&cur)),
+            None,
+            "an older agent"
+        );
+        assert_eq!(
+            count_past(&hb(Some(3), None), None),
+            Some(3),
+            "nothing published yet"
+        );
+        assert_eq!(
+            count_past(&hb(Some(u64::MAX), None), Some(&cur)),
+            Some(MAX_SEQUENCE)
+        );
+    }
+
+    #[test]
+    fn a_controller_that_lost_its_state_counts_on_from_what_agents_have_seen() {
+        let spec = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (key, _) = SigningKey::generate();
+        let p = Publisher::open("t", "locustfile.py", key, state.path(), 5).unwrap();
+        // Learned before the first publication: it starts above.
+        assert!(p.learn(7).unwrap().is_none());
+        std::fs::write(spec.path().join("locustfile.py"), "a").unwrap();
+        let b1 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        assert_eq!(p.publish(&b1, &target(1)).unwrap().manifest.sequence, 8);
+        // An agent has seen 40: the same bundle again, above it.
+        let again = p.learn(40).unwrap().expect("published again");
+        assert_eq!(again.manifest.sequence, 41);
+        assert_eq!(again.manifest.bundle.sha256, b1.sha256);
+        // Seen before, or below the current: nothing to do.
+        assert!(p.learn(40).unwrap().is_none());
+        assert!(p.learn(12).unwrap().is_none());
+        std::fs::write(spec.path().join("locustfile.py"), "b").unwrap();
+        let b2 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        assert_eq!(p.publish(&b2, &target(1)).unwrap().manifest.sequence, 42);
     }
 
     #[test]

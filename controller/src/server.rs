@@ -244,13 +244,32 @@ async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad heartbeat: {e}")),
     };
+    let current = st.publisher.current();
+    let past = crate::publish::count_past(&hb, current.as_ref().map(|p| &p.manifest));
     if st.nodes.update(hb, addr) {
+        if let Some(seen) = past {
+            learn(&st.publisher, seen);
+        }
         StatusCode::OK.into_response()
     } else {
         error(
             StatusCode::BAD_REQUEST,
             "node id unusable or node table full",
         )
+    }
+}
+
+/// An agent has seen a sequence at or above the current one: count on from above it
+/// (docs/protocol.md, "State loss").
+fn learn(publisher: &Publisher, seen: u64) {
+    match publisher.learn(seen) {
+        Ok(Some(p)) => crate::log(format_args!(
+            "an agent has seen sequence {seen}: published bundle {} again as sequence {}",
+            &p.manifest.bundle.sha256[..12],
+            p.manifest.sequence
+        )),
+        Ok(None) => {}
+        Err(e) => crate::log(format_args!("cannot publish: {e:#}")),
     }
 }
 
