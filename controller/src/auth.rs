@@ -43,8 +43,8 @@ pub const FAIL_REFILL_PER_S: f64 = 0.5;
 const CACHE_MAX: usize = 1024;
 /// Client keys tracked for failures; the least recently failed one makes room.
 const FAIL_TABLE_MAX: usize = 65_536;
-/// PBKDF2 derivations running at once, each on a blocking thread (one is ~50 ms of a core in
-/// a release build)...
+/// PBKDF2 derivations running at once, each on a blocking thread (one costs tens of
+/// milliseconds of a core in a release build, about half a second in a debug build)...
 pub const HASH_THREADS: usize = 2;
 /// ...of which at most this many for keys over their failure budget, so the fresh lane always
 /// has a thread for a client that has not failed.
