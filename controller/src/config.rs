@@ -178,6 +178,10 @@ pub struct ControllerConfig {
     /// ...and how many more it is allowed per second after that.
     #[serde(default = "default_fail_refill")]
     pub auth_fail_refill_per_s: f64,
+    /// Proxies (addresses or networks) whose `X-Real-IP` header names the client, such as the
+    /// nginx front. From any other peer the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::client_ip::Cidr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -402,5 +406,18 @@ mod tests {
         assert_eq!(c.local.workers, 1);
         let bad = format!("{t}[master]\nprot = 1\n");
         assert!(toml::from_str::<FleetConfig>(&bad).is_err());
+        assert!(c.controller.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let t = "name = \"x\"\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n";
+        let ok = format!("{t}trusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]\n");
+        let c: FleetConfig = toml::from_str(&ok).unwrap();
+        assert_eq!(c.controller.trusted_proxies.len(), 3);
+        assert!(c.controller.trusted_proxies[1].contains("10.2.3.4".parse().unwrap()));
+        let bad = format!("{t}trusted_proxies = [\"nginx.local\"]\n");
+        let e = toml::from_str::<FleetConfig>(&bad).unwrap_err().to_string();
+        assert!(e.contains("\"nginx.local\" is not an IP address"), "{e}");
     }
 }

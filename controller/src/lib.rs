@@ -4,10 +4,12 @@
 pub mod auth;
 pub mod aws;
 pub mod backend;
+pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod events;
 pub mod init;
+pub mod limiter;
 pub mod master;
 pub mod nginx;
 pub mod nodes;

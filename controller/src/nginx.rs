@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::auth::UI_USER;
+use crate::client_ip::Cidr;
 use crate::config::Fleet;
 use crate::ops::Output;
 use crate::secrets::{write_public, write_secret, PasswordHash};
@@ -72,6 +73,9 @@ pub struct Rendered {
     /// The new UI password (with `--new-password`), shown once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// What to add to `controller.trusted_proxies`, when it does not trust nginx yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
     /// The command that checks the config.
     pub test: String,
     /// The command that starts nginx.
@@ -107,6 +111,9 @@ pub fn command(fleet: &Fleet, o: &NginxOptions, output: Output) -> Result<()> {
     if let Some(u) = &r.user {
         println!("nginx's workers run as {u} (when nginx starts as root)");
     }
+    if let Some(t) = &r.trust {
+        println!("note: {t}");
+    }
     println!("test it: {}", r.test);
     println!("run it:  {}", r.run);
     println!(
@@ -130,6 +137,7 @@ struct Plan {
     ca: PathBuf,
     upstream: String,
     upstream_name: String,
+    trust: Option<String>,
     worker: Option<Worker>,
     template: String,
 }
@@ -210,6 +218,7 @@ pub fn render(fleet: &Fleet, o: &NginxOptions) -> Result<Rendered> {
         htpasswd,
         user: plan.worker.as_ref().map(|w| w.name.clone()),
         password: new_password,
+        trust: plan.trust,
         dir: plan.dir,
     })
 }
@@ -286,6 +295,7 @@ fn plan(fleet: &Fleet, o: &NginxOptions) -> Result<Plan> {
         Some(n) => n.clone(),
         None => upstream_name(&host, &fleet.config.controller.cert_names)?,
     };
+    let trust = trust_hint(&host, &fleet.config.controller.trusted_proxies);
 
     let dir = match (&o.out, &cfg.out_dir) {
         (Some(d), _) => d.clone(),
@@ -319,9 +329,34 @@ fn plan(fleet: &Fleet, o: &NginxOptions) -> Result<Plan> {
         ca,
         upstream,
         upstream_name,
+        trust,
         worker,
         template,
     })
+}
+
+/// What to tell the operator when the controller would not believe nginx's `X-Real-IP`:
+/// without it every failed login through nginx counts against nginx's address. nginx connects
+/// from loopback to a loopback upstream; from another host, only the operator knows the
+/// address, so the hint is given only while no proxy is trusted at all.
+fn trust_hint(upstream_host: &str, trusted: &[Cidr]) -> Option<String> {
+    let from = match upstream_host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Some(ip),
+        Ok(_) => None,
+        Err(_) if upstream_host == "localhost" => Some(IpAddr::from([127, 0, 0, 1])),
+        Err(_) => None,
+    };
+    let advice = "so that failed logins count against each client rather than against nginx";
+    match from {
+        Some(ip) if trusted.iter().any(|c| c.contains(ip)) => None,
+        Some(ip) => Some(format!(
+            "the controller does not trust nginx's X-Real-IP yet: add trusted_proxies = [\"{ip}\"] under [controller] in fleet.toml and restart `fleet serve`, {advice}"
+        )),
+        None if trusted.is_empty() => Some(format!(
+            "the controller does not trust nginx's X-Real-IP yet: add the address nginx connects to the controller from to controller.trusted_proxies in fleet.toml and restart `fleet serve`, {advice}"
+        )),
+        None => None,
+    }
 }
 
 /// The port of an nginx `listen` value: `PORT`, `ADDR:PORT` or `[V6]:PORT`.
@@ -716,6 +751,8 @@ mod tests {
             "proxy_ssl_verify on;",
             "ssl_protocols TLSv1.2 TLSv1.3;",
             "proxy_read_timeout 1h;",
+            "limit_req zone=fleet_agents burst=10000 nodelay;",
+            "proxy_set_header X-Real-IP $remote_addr;",
             &format!("auth_basic_user_file {}/htpasswd;", r.dir.display()),
             &format!("ssl_certificate {};", f.server_pem().display()),
             &format!("proxy_ssl_trusted_certificate {};", f.ca_pem().display()),
@@ -755,6 +792,25 @@ mod tests {
         let conf = std::fs::read_to_string(&r.conf).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9080;"));
         assert!(conf.contains("return 301 https://$host:9443$request_uri;"));
+    }
+
+    #[test]
+    fn the_operator_is_told_to_trust_nginx_until_it_is() {
+        let nets = |s: &[&str]| s.iter().map(|c| c.parse().unwrap()).collect::<Vec<Cidr>>();
+        let hint = trust_hint("127.0.0.1", &[]).unwrap();
+        assert!(hint.contains("trusted_proxies = [\"127.0.0.1\"]"), "{hint}");
+        assert!(trust_hint("localhost", &[])
+            .unwrap()
+            .contains("\"127.0.0.1\""));
+        assert!(trust_hint("::1", &[]).unwrap().contains("\"::1\""));
+        assert_eq!(trust_hint("127.0.0.1", &nets(&["127.0.0.0/8"])), None);
+        assert_eq!(trust_hint("localhost", &nets(&["127.0.0.1"])), None);
+        assert!(trust_hint("127.0.0.1", &nets(&["10.0.0.0/8"])).is_some());
+        // Another host: nginx's own address is unknown here.
+        assert!(trust_hint("10.0.0.5", &[])
+            .unwrap()
+            .contains("the address nginx connects to the controller from"));
+        assert_eq!(trust_hint("ctl.example", &nets(&["10.0.0.7"])), None);
     }
 
     #[test]

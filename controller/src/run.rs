@@ -350,7 +350,7 @@ fn refused(r: &Response, what: &str) -> anyhow::Error {
     let locust = what.contains(" /locust");
     match r.status {
         401 => anyhow!("the controller refused the operator token ({what}: HTTP 401); check secrets/operator.token"),
-        429 => anyhow!("the controller refuses this address after failed logins ({what}: HTTP 429); wait a few seconds and retry"),
+        429 => anyhow!("the controller refused the operator token, and this address has failed too often ({what}: HTTP 429); check secrets/operator.token"),
         502 if locust => anyhow!("the Locust master is not reachable behind the controller ({what}: HTTP 502); check state/master.log and retry"),
         s if locust => anyhow!("Locust refused {what}: HTTP {s} {text}"),
         s => anyhow!("the controller answered HTTP {s} to {what}: {text}"),

@@ -16,12 +16,18 @@ const ITERATIONS: u32 = 100_000;
 const PREFIX: &str = "pbkdf2-sha256";
 
 pub fn hash_password(password: &str) -> String {
+    hash_password_with(password, ITERATIONS)
+}
+
+/// [`hash_password`] with another iteration count (tests use fewer; checks read it from the
+/// hash).
+pub fn hash_password_with(password: &str, iterations: u32) -> String {
     let mut salt = [0u8; 16];
     SystemRandom::new()
         .fill(&mut salt)
         .expect("system RNG failed");
     let mut out = [0u8; 32];
-    let iters = NonZeroU32::new(ITERATIONS).expect("non-zero");
+    let iters = NonZeroU32::new(iterations.max(1)).expect("non-zero");
     pbkdf2::derive(
         pbkdf2::PBKDF2_HMAC_SHA256,
         iters,
@@ -30,7 +36,8 @@ pub fn hash_password(password: &str) -> String {
         &mut out,
     );
     format!(
-        "{PREFIX}${ITERATIONS}${}${}",
+        "{PREFIX}${}${}${}",
+        iters,
         B64.encode(salt),
         B64.encode(out)
     )

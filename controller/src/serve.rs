@@ -60,12 +60,15 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         &fleet.read(&fleet.server_key())?,
     )?;
     let ui = PasswordHash::parse(&fleet.read(&fleet.ui_hash())?)?;
-    let auth = Auth::with_limits(
+    let auth = Auth::with_settings(
         &fleet.read(&fleet.agent_token())?,
         &fleet.read(&fleet.operator_token())?,
         ui,
-        cfg.controller.auth_fail_burst,
-        cfg.controller.auth_fail_refill_per_s,
+        crate::auth::Settings {
+            fail_burst: cfg.controller.auth_fail_burst,
+            fail_refill_per_s: cfg.controller.auth_fail_refill_per_s,
+            trusted_proxies: cfg.controller.trusted_proxies.clone(),
+        },
     );
     let spec_dir = fleet.spec_dir();
     anyhow::ensure!(

@@ -85,6 +85,12 @@ fn refuse(r: Refusal, role: Role) -> Response {
             "too many failed attempts; wait and retry with the right credentials\n",
         )
             .into_response(),
+        Refusal::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many password checks at once; retry in a moment\n",
+        )
+            .into_response(),
         Refusal::Unauthorized => {
             let mut resp = (StatusCode::UNAUTHORIZED, "credentials required\n").into_response();
             if role == Role::Operator {
@@ -98,12 +104,21 @@ fn refuse(r: Refusal, role: Role) -> Response {
     }
 }
 
+/// The `Authorization` value and the client it counts for, owned: nothing borrowed from the
+/// request is held while the check waits (the body is not `Sync`).
+fn credentials(st: &AppState, req: &Request) -> (Option<String>, IpAddr) {
+    let h = req.headers();
+    let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let authz = text(header::AUTHORIZATION.as_str()).map(str::to_string);
+    let client = st
+        .auth
+        .client(peer(req), text(crate::client_ip::REAL_IP_HEADER));
+    (authz, client)
+}
+
 async fn require(State((st, role)): State<(Shared, Role)>, req: Request, next: Next) -> Response {
-    let authz = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match st.auth.check(authz, peer(&req).ip(), role) {
+    let (authz, client) = credentials(&st, &req);
+    match st.auth.check(authz.as_deref(), client, role).await {
         Ok(()) if role == Role::Operator && cross_site(&req) => (
             StatusCode::FORBIDDEN,
             "cross-site request refused: the Origin is not this controller\n",
@@ -140,11 +155,12 @@ fn cross_site(req: &Request) -> bool {
 
 /// Unknown paths: still 401 without credentials, so the route table does not leak.
 async fn fallback(State(st): State<Shared>, req: Request) -> Response {
-    let authz = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match st.auth.check(authz, peer(&req).ip(), Role::Operator) {
+    let (authz, client) = credentials(&st, &req);
+    match st
+        .auth
+        .check(authz.as_deref(), client, Role::Operator)
+        .await
+    {
         Ok(()) => (StatusCode::NOT_FOUND, "no such route\n").into_response(),
         Err(r) => refuse(r, Role::Operator),
     }

@@ -429,3 +429,42 @@ pub fn start_target() -> (String, Child) {
     }
     (format!("http://127.0.0.1:{port}"), child)
 }
+
+/// One `GET path` to `https://127.0.0.1:port` (TLS verified against `ca_pem`) from the local
+/// address `from` (any 127.x.y.z works on loopback), with `headers`; the answer's status.
+/// For what the shared client cannot do: choose the source address, or send `X-Real-IP`.
+pub async fn get_from(
+    port: u16,
+    ca_pem: &str,
+    from: std::net::Ipv4Addr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    use http_body_util::{BodyExt, Empty};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((from, 0).into())
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    let tcp = sock
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port} from {from}: {e}"));
+    let tls = tokio_rustls::TlsConnector::from(fleet_common::client::tls_config(ca_pem).unwrap())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path).header("host", format!("127.0.0.1:{port}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}

@@ -1,11 +1,13 @@
 //! Authentication over the real socket: TLS only, each secret opens only its own routes, one
-//! 401 for every failure, failures rate-limited.
+//! 401 for every failure, failures rate-limited per client without ever refusing valid
+//! credentials, and `X-Real-IP` believed only from a trusted proxy.
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
-use fleet_tests::{Fleet, Options};
+use fleet_tests::{get_from, Fleet, Options};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -136,16 +138,123 @@ async fn plaintext_gets_no_http_answer_and_failures_are_rate_limited() {
     let e = c.get("/healthz", T, 1024).await.unwrap_err();
     assert!(e.to_string().contains("TLS handshake"), "{e}");
 
-    // Wrong passwords: 401 until the per-address allowance is spent, then 429.
-    let wrong = f.client_with(Some(&basic("fleet", "guess")));
+    // Wrong credentials: 401 until the per-address allowance is spent, then 429. (Tokens,
+    // which are checked in microseconds: wrong passwords take a PBKDF2 check each, slow in a
+    // debug build, and the allowance would refill meanwhile.)
+    let wrong = f.client_with(Some("Bearer guess"));
     let mut statuses = vec![];
     for _ in 0..12 {
         statuses.push(wrong.get("/api/spec", T, 1024).await.unwrap().status);
     }
     assert!(statuses[..10].iter().all(|s| *s == 401), "{statuses:?}");
     assert_eq!(statuses[11], 429, "{statuses:?}");
-    // Even the right password waits out the limit from that address.
+    f.stop_serve();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn valid_credentials_are_never_locked_out_by_failures_from_the_same_address() {
+    let mut f = Fleet::new(Options {
+        managed_master: false,
+        ..Options::default()
+    });
+    f.start_serve();
+    fleet_tests::wait_for("first publication", T, || async { f.current_sha().await }).await;
+
+    // 50 wrong passwords (ten at a time) and 50 wrong tokens from 127.0.0.1.
+    let wrong_token = f.client_with(Some("Bearer 0000000000000000000000000000000000000000000"));
+    let mut statuses = vec![];
+    for batch in 0..5 {
+        let guesses: Vec<_> = (0..10)
+            .map(|i| {
+                let c = f.client_with(Some(&basic("fleet", &format!("guess-{batch}-{i}"))));
+                tokio::spawn(async move { c.get("/api/spec", T, 1024).await.unwrap().status })
+            })
+            .collect();
+        for g in guesses {
+            statuses.push(g.await.unwrap());
+        }
+    }
+    for _ in 0..50 {
+        statuses.push(
+            wrong_token
+                .get("/v1/manifest", T, 1024)
+                .await
+                .unwrap()
+                .status,
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429), "over budget: {statuses:?}");
+
+    // Then, from the same address, the right credentials succeed at once: the UI password
+    // (never used before, so it is checked with PBKDF2, not found in the cache), the operator
+    // token, and the agent token on an agent route.
     let right = f.client_with(Some(&basic("fleet", &f.password)));
-    assert_eq!(right.get("/api/spec", T, 1024).await.unwrap().status, 429);
+    for (who, c, path) in [
+        ("UI password", &right, "/api/spec"),
+        ("operator token", &f.operator(), "/api/spec"),
+        ("agent token", &f.agent(), "/v1/manifest"),
+        ("UI password again (cached)", &right, "/api/nodes"),
+    ] {
+        let t0 = Instant::now();
+        let status = c.get(path, T, 1 << 20).await.unwrap().status;
+        assert_eq!(status, 200, "{who} on {path}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{who}: {:?}",
+            t0.elapsed()
+        );
+    }
+    f.stop_serve();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_address_counts_only_from_a_trusted_proxy() {
+    let mut f = Fleet::new(Options {
+        managed_master: false,
+        controller_settings: vec![(
+            "trusted_proxies".into(),
+            toml::Value::Array(vec!["127.0.0.1".into()]),
+        )],
+        ..Options::default()
+    });
+    f.start_serve();
+    let ca = f.ca_pem();
+    let wrong = ("authorization", "Bearer wrong");
+    // 127.0.0.2 is not trusted: naming a new address in every request does not help, its
+    // eleventh failure is over budget.
+    let mut untrusted = vec![];
+    for i in 0..11 {
+        let real_ip = format!("198.51.100.{i}");
+        let h = [wrong, ("x-real-ip", real_ip.as_str())];
+        untrusted
+            .push(get_from(f.port, &ca, Ipv4Addr::new(127, 0, 0, 2), "/v1/manifest", &h).await);
+    }
+    assert_eq!(untrusted[..10], [401; 10], "{untrusted:?}");
+    assert_eq!(
+        untrusted[10], 429,
+        "the header from 127.0.0.2 was believed: {untrusted:?}"
+    );
+    // 127.0.0.1 is a trusted proxy: each request counts for the address it names.
+    let mut trusted = vec![];
+    for i in 0..20 {
+        let real_ip = format!("203.0.113.{i}");
+        let h = [wrong, ("x-real-ip", real_ip.as_str())];
+        trusted.push(get_from(f.port, &ca, Ipv4Addr::LOCALHOST, "/v1/manifest", &h).await);
+    }
+    assert_eq!(
+        trusted, [401; 20],
+        "the header from the trusted proxy was ignored"
+    );
+    // ...and one named address gets one allowance, wherever it comes through.
+    let mut one = vec![];
+    for _ in 0..11 {
+        let h = [wrong, ("x-real-ip", "203.0.113.200")];
+        one.push(get_from(f.port, &ca, Ipv4Addr::LOCALHOST, "/v1/manifest", &h).await);
+    }
+    assert_eq!(one[10], 429, "{one:?}");
     f.stop_serve();
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use fleet_common::client::Client;
-use fleet_tests::{bin, free_port, wait_for, Fleet, Options};
+use fleet_tests::{bin, free_port, get_from, wait_for, Fleet, Options};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -182,6 +182,13 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     let conf = PathBuf::from(r["conf"].as_str().unwrap());
     assert_eq!(dir, f.path().canonicalize().unwrap().join("nginx"));
     assert_eq!(r["url"], url);
+    // This fleet does not trust nginx's X-Real-IP: `fleet nginx` says what to add.
+    assert!(
+        r["trust"]
+            .as_str()
+            .is_some_and(|t| t.contains("trusted_proxies = [\"127.0.0.1\"]")),
+        "{r}"
+    );
     assert!(r["test"].as_str().unwrap().starts_with(&format!(
         "nginx -t -c {} -p {}",
         conf.display(),
@@ -330,5 +337,113 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     assert_eq!(f.cli(&["down"]).status.code(), Some(0));
     assert!(ng.stop(), "nginx did not stop on SIGQUIT: {}", ng.logs());
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    f.stop_serve();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_front_never_locks_out_valid_credentials() {
+    let Some(nginx) = nginx_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nginx is missing under CI"
+        );
+        eprintln!("SKIPPED: the nginx binary is missing; `apt-get install nginx` to run this test");
+        return;
+    };
+    let port = free_port();
+    let mut f = Fleet::new(Options {
+        managed_master: false,
+        controller_settings: vec![(
+            "trusted_proxies".into(),
+            toml::Value::Array(vec!["127.0.0.1".into()]),
+        )],
+        ..Default::default()
+    });
+    if std::fs::metadata(f.path()).unwrap().uid() == 0 {
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    f.start_serve();
+    let listen = format!("127.0.0.1:{port}");
+    let out = fleet_nginx(
+        &f,
+        &[
+            "--output",
+            "json",
+            "nginx",
+            "--password-stdin",
+            "--listen",
+            &listen,
+        ],
+        &format!("{}\n", f.password),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("trust").is_none(), "nginx is trusted already: {r}");
+    let dir = PathBuf::from(r["dir"].as_str().unwrap());
+    let ng = Nginx::start(&nginx, &PathBuf::from(r["conf"].as_str().unwrap()), &dir);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < T, "nginx did not listen: {}", ng.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("first publication", T, || async { f.current_sha().await }).await;
+
+    let ca = f.ca_pem();
+    let stranger = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let wrong_pw = basic("fleet", "guess");
+    let agent_token = format!("Bearer {}", f.secret("agent.token"));
+    let get = |from, path: &'static str, authz: String| {
+        let ca = ca.clone();
+        async move { get_from(port, &ca, from, path, &[("authorization", &authz)]).await }
+    };
+    // A stranger behind nginx: 50 wrong passwords (nginx refuses them itself) and 50 wrong agent
+    // tokens (nginx passes them on; the controller counts them against the stranger).
+    let mut statuses = vec![];
+    for _ in 0..50 {
+        statuses.push(get(stranger, "/api/spec", wrong_pw.clone()).await);
+        statuses.push(get(stranger, "/v1/manifest", "Bearer wrong".into()).await);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    // Counted against the stranger, not against nginx: another client's failure is a 401.
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    assert_eq!(get(other, "/v1/manifest", "Bearer wrong".into()).await, 401);
+
+    // The right credentials from the stranger's own address, through nginx, at once.
+    for (who, path, authz) in [
+        ("UI password", "/api/spec", basic("fleet", &f.password)),
+        ("agent token", "/v1/manifest", agent_token.clone()),
+    ] {
+        let t0 = Instant::now();
+        assert_eq!(
+            get(stranger, path, authz).await,
+            200,
+            "{who}: {}",
+            ng.logs()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{who}: {:?}",
+            t0.elapsed()
+        );
+    }
+    // The operator token goes to the controller directly (nginx's basic auth refuses a Bearer
+    // credential), from nginx's own address.
+    assert_eq!(
+        f.operator()
+            .get("/api/spec", T, 1 << 20)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    drop(ng);
     f.stop_serve();
 }
