@@ -7,6 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod aws;
+pub mod fake_controller;
+pub mod pki;
+pub mod procfs;
 pub mod proxy;
 
 use std::future::Future;

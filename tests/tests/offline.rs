@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_tests::{bin, wait_for, Fleet, Options};
+use fleet_tests::{bin, procfs, wait_for, Fleet, Options};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_starts_from_the_last_good_bundle_without_a_controller() {
@@ -56,11 +56,7 @@ async fn agent_starts_from_the_last_good_bundle_without_a_controller() {
     )
     .unwrap();
     wait_for("the agent stopped", Duration::from_secs(10), || async {
-        (!std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .unwrap_or_default()
-                .contains(") Z"))
-        .then_some(())
+        procfs::is_gone(pid as u32).then_some(())
     })
     .await;
     let before = std::fs::read_to_string(&starts).unwrap().lines().count();
