@@ -24,7 +24,8 @@ usage: ./run.sh <command> [args...]
                  args go to \`cargo test\`, e.g. ./run.sh test -p fleet-common
   help           this text
 
-CARGO_TARGET_DIR is honoured.
+CARGO_TARGET_DIR is honoured. FLEET_CACHE_DIR (default .cache/ in the clone) holds the
+AMI suite's cache.
 USAGE
 }
 
@@ -96,6 +97,8 @@ test_all() {
     cargo fmt --all -- --check
     step clippy
     cargo clippy --workspace --all-targets --locked -- -D warnings
+    step "python unit tests (tests/support)"
+    (cd tests/support && "$VENV/bin/python" -m unittest --quiet)
     step build
     cargo build --workspace --bins --locked
     step test

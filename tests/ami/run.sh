@@ -7,11 +7,11 @@
 #    1.6.6 here), offline and without AWS credentials; packer/build.sh --validate; set-ami.py.
 # 2. the release agent, built as packer/build.sh builds it.
 # 3. a Debian root filesystem from debootstrap (minbase + ami/packages.txt + systemd), cached
-#    as a tarball under $FLEET_AMI_CACHE (default /work/.cache/fleet-ami), extracted afresh.
+#    as a tarball under $FLEET_CACHE_DIR/ami (default .cache/ami in the clone), extracted afresh.
 # 4. ami/provision.sh and ami/cleanup.sh run in it under chroot, staged exactly as Packer
 #    uploads them; then: the binaries run, the units verify, owners and modes, no secret.
 # 5. if systemd-nspawn can boot a container here: the root boots, the agent starts from its
-#    unit, reads user-data from an IMDSv2 emulator on the host (tests/ami/imds.py), joins a
+#    unit, reads user-data from the IMDSv2 emulator on the host (tests/support/imds.py), joins a
 #    `fleet serve` on loopback with real Locust workers, and at max_lifetime_s powers the
 #    container off through fleet-poweroff.path. If it cannot boot, the reason is printed.
 #
@@ -26,14 +26,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT" || exit 1
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
-# Outside the repository, kept between runs on this machine (CI runs here too).
-if [ -n "${FLEET_AMI_CACHE:-}" ]; then
-    CACHE=$FLEET_AMI_CACHE
-elif mkdir -p /work/.cache 2>/dev/null; then
-    CACHE=/work/.cache/fleet-ami
-else
-    CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/fleet-ami
-fi
+# The root filesystem tarball and pip's downloads, kept between runs: under FLEET_CACHE_DIR
+# (default .cache/ in the clone, git-ignored; a relative path is relative to the clone).
+CACHE_ROOT=${FLEET_CACHE_DIR:-.cache}
+case $CACHE_ROOT in /*) ;; *) CACHE_ROOT=$ROOT/$CACHE_ROOT ;; esac
+CACHE=$CACHE_ROOT/ami
 SUITE=bookworm
 LOCUST_VERSION=$(sed -n 's/^locust==\([^[:space:]]*\).*/\1/p' requirements.txt)
 HOST_LOCUST=${FLEET_TEST_LOCUST:-$ROOT/.venv/bin/locust}
@@ -180,7 +177,7 @@ fi
 ok "tools: $(packer version | head -1), $(debootstrap --version | head -1), $(systemd-nspawn --version | head -1)"
 check "scripts parse (bash -n, python ast)" bash -c '
     for f in ami/provision.sh ami/cleanup.sh packer/build.sh certs/audit.sh tests/ami/run.sh; do bash -n "$f" || exit 1; done
-    for f in packer/set-ami.py certs/scan-image.py tests/ami/imds.py; do
+    for f in packer/set-ami.py certs/scan-image.py tests/support/imds.py tests/ami/*.py; do
         python3 -c "import ast,sys; ast.parse(open(sys.argv[1]).read())" "$f" || exit 1
     done'
 
@@ -305,25 +302,7 @@ if [ "$pk_major" -eq 1 ] && [ "$pk_minor" -lt 7 ]; then
 fi
 
 phase "debootstrap root filesystem"
-MIRROR=$(python3 - "$SUITE" <<'EOF'
-import glob, re, sys
-suite = sys.argv[1]
-for f in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in open(f).read().split("\n\n"):
-        kv = dict(re.findall(r"(?m)^(\w[\w-]*):\s*(.*)$", stanza))
-        if "deb" in kv.get("Types", "").split() and suite in kv.get("Suites", "").split():
-            print(kv["URIs"].split()[0]); sys.exit()
-for f in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        for line in open(f):
-            p = line.split()
-            if len(p) >= 3 and p[0] == "deb" and p[2] == suite and not p[1].startswith("["):
-                print(p[1]); sys.exit()
-    except OSError:
-        pass
-print("http://deb.debian.org/debian")
-EOF
-)
+MIRROR=$(python3 tests/ami/apt_mirror.py "$SUITE")
 ARCH=$(dpkg --print-architecture)
 PKGS=$(
     {
@@ -496,20 +475,8 @@ unit_ok() {
         grep -qx 'ExecStart=/usr/bin/systemctl --no-block --no-wall poweroff' "$RFS/etc/systemd/system/fleet-poweroff.service"
 }
 check "unit settings: user, hardening, limits, restart, power-off path" unit_ok
-config_ok() {
-    python3 - "$RFS" <<'EOF'
-import os, sys, tomllib
-r = sys.argv[1]
-c = tomllib.load(open(r + "/etc/fleet/agent.toml", "rb"))
-assert set(c) == {"imds", "locust", "state_dir", "poweroff_command"}, sorted(c)
-assert c["imds"] is True
-assert os.access(r + c["locust"], os.X_OK), c["locust"]
-assert c["state_dir"] == "/var/lib/fleet-agent", c["state_dir"]
-assert c["poweroff_command"] == ["/usr/bin/touch", "/run/fleet-agent/poweroff"], c["poweroff_command"]
-assert os.access(r + c["poweroff_command"][0], os.X_OK)
-EOF
-}
-check "/etc/fleet/agent.toml: only imds, locust, state_dir, poweroff_command (no fleet, no secret)" config_ok
+check "/etc/fleet/agent.toml: only imds, locust, state_dir, poweroff_command (no fleet, no secret)" \
+    python3 tests/ami/check_agent_toml.py "$RFS"
 out=$(in_root --user fleet-agent /usr/local/bin/fleet-agent --user-data-file /dev/null 2>&1)
 rc=$?
 [ $rc -eq 64 ] && grep -q "controller" <<<"$out" && ! grep -q "agent.toml" <<<"$out" &&
@@ -575,14 +542,7 @@ note "sizes: root $((BASE_KB / 1024)) MiB before, $((PROV_KB / 1024)) MiB after 
 phase "boot with systemd-nspawn"
 boot() {
     # The controller: master and UI on their own ports; the nodes' settings go into user-data.
-    python3 - "$FD/fleet.toml" "$MASTER_PORT" "$WEB_PORT" "$LIFETIME_S" <<'EOF'
-import sys
-p, mp, wp, life = sys.argv[1:]
-t = open(p).read()
-t = t.replace("port = 5557", "port = %s" % mp).replace("127.0.0.1:8089", "127.0.0.1:%s" % wp)
-t = t.replace("[ec2]\n", "[ec2]\nmax_lifetime_s = %s\nagent_settings = { heartbeat_ms = 1000 }\n" % life, 1)
-open(p, "w").write(t)
-EOF
+    python3 tests/ami/fleet_toml.py "$FD/fleet.toml" "$MASTER_PORT" "$WEB_PORT" "$LIFETIME_S"
     "$FLEET" --dir "$FD" user-data >"$WORK/user-data.toml" || { fail "fleet user-data"; return; }
     setsid "$FLEET" --dir "$FD" serve >"$WORK/serve.log" 2>&1 </dev/null &
     SERVE_PID=$!
@@ -591,7 +551,7 @@ EOF
         tail -n 10 "$WORK/serve.log" | sed 's/^/      | /'
         return
     fi
-    setsid python3 tests/ami/imds.py --user-data "$WORK/user-data.toml" --instance-id "$INSTANCE_ID" \
+    setsid python3 tests/support/imds.py --user-data "$WORK/user-data.toml" --instance-id "$INSTANCE_ID" \
         >"$WORK/imds.out" 2>"$WORK/imds.log" </dev/null &
     IMDS_PID=$!
     wait_until 10 grep -q listening "$WORK/imds.out" || { fail "imds.py did not start"; return; }
@@ -662,22 +622,12 @@ EOF
     # joined [SINCE]: the node reports a running bundle with all its workers running, from an
     # agent started after SECONDS=SINCE (its uptime), in a heartbeat younger than 5 s.
     joined() {
-        "${api[@]}" "https://127.0.0.1:$PORT/api/nodes" | python3 -c '
-import json, sys
-n = [x for x in json.load(sys.stdin) if x["node_id"] == sys.argv[1]]
-ok = n and n[0]["status"] == "running" and n[0]["backend"] == "ec2" and len(n[0]["workers"]) == int(sys.argv[2]) \
-    and all(w["state"] == "running" for w in n[0]["workers"]) and n[0]["heartbeat_age_s"] < 5 \
-    and n[0]["uptime_s"] <= int(sys.argv[3])
-sys.exit(0 if ok else 1)' "$INSTANCE_ID" "$nworkers" $((SECONDS - ${1:-0} + 1))
+        "${api[@]}" "https://127.0.0.1:$PORT/api/nodes" |
+            python3 tests/ami/nodes.py joined "$INSTANCE_ID" "$nworkers" $((SECONDS - ${1:-0} + 1))
     }
     if wait_until 60 joined; then
         local hb
-        hb=$("${api[@]}" "https://127.0.0.1:$PORT/api/nodes" | python3 -c '
-import json, sys
-n = [x for x in json.load(sys.stdin) if x["node_id"] == sys.argv[1]][0]
-print("node %s (%s): %s, bundle %s seq %d, workers %s, heartbeat %.1f s ago" % (n["node_id"], n["backend"],
-    n["status"], n["running"]["sha256"][:12], n["running"]["sequence"],
-    "/".join(w["state"] for w in n["workers"]), n["heartbeat_age_s"]))' "$INSTANCE_ID")
+        hb=$("${api[@]}" "https://127.0.0.1:$PORT/api/nodes" | python3 tests/ami/nodes.py describe "$INSTANCE_ID")
         ok "the agent joined the controller $((SECONDS - boot_t0)) s after boot: $hb"
     else
         fail "the agent did not join within 60 s"
@@ -812,24 +762,7 @@ print("node %s (%s): %s, bundle %s seq %d, workers %s, heartbeat %.1f s ago" % (
             grep -q "Starting fleet-poweroff.service" <<<"$j" &&
             grep -q "Reached target poweroff.target" <<<"$j" || return 1
         # The request came at the lifetime, not before: agent start to request, in the journal.
-        python3 - "$LIFETIME_S" "$WORK/journal.txt" <<'EOF'
-import re, sys
-life = float(sys.argv[1])
-start = stop = None
-for line in open(sys.argv[2], errors="replace"):
-    m = re.match(r"\[\s*([0-9.]+)\]", line)
-    if not m:
-        continue
-    # The lifetime counts from the start of the agent that reaches it (the last one started).
-    if stop is None and "Started fleet-agent.service" in line:
-        start = float(m.group(1))
-    if stop is None and "max lifetime reached" in line:
-        stop = float(m.group(1))
-if start is None or stop is None:
-    sys.exit(1)
-print("agent start to power-off request: %.1f s" % (stop - start))
-sys.exit(0 if start is not None and stop is not None and life - 1 <= stop - start <= life + 5 else 1)
-EOF
+        python3 tests/ami/lifetime.py "$LIFETIME_S" "$WORK/journal.txt"
     }
     if [ "$rc" -eq 0 ] && out=$(lifetime_ok); then
         ok "max_lifetime_s=$LIFETIME_S powered the node off through fleet-poweroff.path ($out; nspawn exit 0)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Boot harness: "boots" the EC2 instances moto reports by starting one fleet-agent per
-instance, with an IMDSv2 emulator serving each instance's identity and user-data.
+instance, with the IMDSv2 emulator (imds.py) serving each instance's identity and user-data.
 
 Polls moto directly (boto3) for instances tagged fleet=NAME; for each one that is pending or
 running it writes DIR/<id>/agent.toml and starts `AGENT --config DIR/<id>/agent.toml` in its
@@ -11,22 +11,20 @@ State goes to DIR/harness.json. See tests/support/README.md.
 
 import argparse
 import base64
-import http.server
 import json
 import os
-import re
-import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+
+import imds
+from loopback import parse_hostport
 
 ALIVE_STATES = ("pending", "running")
 KILL_AFTER = 10.0
-META_ITEMS = ("instance-id", "instance-type", "placement/availability-zone", "local-ipv4")
 
 
 def log(msg):
@@ -60,8 +58,7 @@ class Harness:
         self.imds_url = imds_url
         self.lock = threading.RLock()
         self.insts = {}
-        self.imds = {}  # id -> dict(item -> str), plus "user-data" -> bytes|None
-        self.tokens = {}  # token -> (id, expires_monotonic)
+        self.imds = imds.Instances()
         self.dirty = threading.Event()
         self.stop = threading.Event()
         self.shutting_down = False
@@ -177,7 +174,7 @@ class Harness:
 
     def _boot(self, inst):
         iid = inst.id
-        if iid not in self.imds:
+        if not self.imds.known(iid):
             try:
                 r = self.client.describe_instance_attribute(InstanceId=iid, Attribute="userData")
                 v = (r.get("UserData") or {}).get("Value")
@@ -185,14 +182,13 @@ class Harness:
             except Exception as e:
                 log("%s userData fetch failed (%s); booting without user-data" % (iid, e))
                 ud = None
+            self.imds.add(iid, {
+                "instance-id": iid,
+                "instance-type": inst.itype or "",
+                "placement/availability-zone": inst.az or "",
+                "local-ipv4": inst.ip or "",
+            }, ud)
             with self.lock:
-                self.imds[iid] = {
-                    "instance-id": iid,
-                    "instance-type": inst.itype or "",
-                    "placement/availability-zone": inst.az or "",
-                    "local-ipv4": inst.ip or "",
-                    "user-data": ud,
-                }
                 inst.user_data = ud
         d = inst.dir
         state_dir = os.path.join(d, "state")
@@ -344,99 +340,6 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------------------------
-# IMDSv2 emulator
-
-
-def make_imds_handler(h):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "EC2ws"
-        sys_version = ""
-
-        def log_message(self, fmt, *args):
-            pass
-
-        def _reply(self, status, body=b"", ctype="text/plain", extra=()):
-            if isinstance(body, str):
-                body = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            for k, v in extra:
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _route(self):
-            n = int(self.headers.get("Content-Length") or 0)
-            if n:
-                self.rfile.read(n)
-            path = re.sub(r"/+", "/", urllib.parse.urlsplit(self.path).path)
-            parts = path.strip("/").split("/", 1)
-            iid = parts[0]
-            rest = "/" + parts[1] if len(parts) > 1 else "/"
-            with h.lock:
-                data = h.imds.get(iid)
-            if data is None:
-                return self._reply(404, "Not Found\n")
-            if rest == "/latest/api/token":
-                if self.command != "PUT":
-                    return self._reply(405, "Method Not Allowed\n")
-                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-                try:
-                    ttl = int(ttl)
-                except (TypeError, ValueError):
-                    ttl = 0
-                if not 1 <= ttl <= 21600:
-                    return self._reply(400, "Bad Request\n")
-                tok = secrets.token_urlsafe(32)
-                with h.lock:
-                    now = time.monotonic()
-                    if len(h.tokens) > 100000:
-                        for t, (_, exp) in list(h.tokens.items()):
-                            if exp < now:
-                                del h.tokens[t]
-                    h.tokens[tok] = (iid, now + ttl)
-                return self._reply(200, tok, extra=[
-                    ("X-aws-ec2-metadata-token-ttl-seconds", str(ttl))])
-            if self.command not in ("GET", "HEAD"):
-                return self._reply(405, "Method Not Allowed\n")
-            tok = self.headers.get("X-aws-ec2-metadata-token")
-            with h.lock:
-                ent = h.tokens.get(tok) if tok else None
-            if ent is None or ent[0] != iid or ent[1] < time.monotonic():
-                return self._reply(401, "Unauthorized\n")
-            if rest == "/latest/user-data":
-                ud = data.get("user-data")
-                if ud is None:
-                    return self._reply(404, "Not Found\n")
-                return self._reply(200, ud, ctype="application/octet-stream")
-            if rest.startswith("/latest/meta-data/"):
-                item = rest[len("/latest/meta-data/"):].rstrip("/")
-                if item in META_ITEMS and data.get(item):
-                    return self._reply(200, data[item])
-            return self._reply(404, "Not Found\n")
-
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _route
-
-    return Handler
-
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-
-def parse_hostport(s):
-    host, _, port = s.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % s)
-    return host, int(port)
-
-
 def main():
     ap = argparse.ArgumentParser(
         description="Boot harness: start one fleet-agent per EC2 instance that moto reports "
@@ -468,10 +371,7 @@ def main():
 
     # IMDS first, so the URL is known before anything slow (importing boto3) happens.
     h = Harness(args, None)
-    srv = Server(args.imds_listen, make_imds_handler(h))
-    imds_url = h.imds_url = "http://%s:%d" % (args.imds_listen[0], srv.server_address[1])
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5},
-                     daemon=True, name="imds").start()
+    imds_url = h.imds_url = imds.start(h.imds, args.imds_listen)
     print("imds on %s" % imds_url, flush=True)
     log("imds on %s; fleet %s; moto %s; workdir %s" % (imds_url, args.fleet, args.moto, h.workdir))
 
