@@ -178,6 +178,10 @@ pub struct ControllerConfig {
     /// ...and how many more it is allowed per second after that.
     #[serde(default = "default_fail_refill")]
     pub auth_fail_refill_per_s: f64,
+    /// Client connections served at once; 0 derives it from the open-files limit
+    /// (`listener::connection_cap`). A value can only lower the derived cap.
+    #[serde(default)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod events;
 pub mod init;
+pub mod listener;
 pub mod master;
 pub mod nginx;
 pub mod nodes;
