@@ -418,8 +418,10 @@ impl Client {
             if let Some(after) = retry_after {
                 pool.backoff.retry_after(Instant::now(), after, jitter());
             }
+            // Not `is_ready()`: the connection becomes ready for the next request only once
+            // its driver has seen this answer end, a moment from now; checkout waits for that.
             if let Some(s) = h1 {
-                if s.is_ready() && pool.idle_h1.len() < MAX_IDLE_H1 {
+                if !s.is_closed() && pool.idle_h1.len() < MAX_IDLE_H1 {
                     pool.idle_h1.push(s);
                 }
             }
@@ -434,12 +436,12 @@ impl Client {
     /// The shared HTTP/2 connection, an idle HTTP/1.1 one, or a new connection; `true` when
     /// the connection had been used before.
     async fn checkout(&self) -> Result<(Sender, bool), ClientError> {
-        if let Some(s) = self.pooled() {
+        if let Some(s) = self.pooled().await {
             return Ok((s, true));
         }
         let _dial = self.inner.dial.lock().await;
         // Another request may have connected while this one waited for its turn.
-        if let Some(s) = self.pooled() {
+        if let Some(s) = self.pooled().await {
             return Ok((s, true));
         }
         let wait = self.inner.pool.lock().unwrap().backoff.wait(Instant::now());
@@ -465,21 +467,25 @@ impl Client {
         }
     }
 
-    fn pooled(&self) -> Option<Sender> {
-        let mut pool = self.inner.pool.lock().unwrap();
-        if let Some(h2) = &pool.h2 {
-            if !h2.is_closed() {
-                return Some(Sender::H2(h2.clone()));
+    async fn pooled(&self) -> Option<Sender> {
+        {
+            let mut pool = self.inner.pool.lock().unwrap();
+            if let Some(h2) = &pool.h2 {
+                if !h2.is_closed() {
+                    return Some(Sender::H2(h2.clone()));
+                }
+                pool.h2 = None;
+                pool.backoff.dropped(Instant::now(), jitter());
             }
-            pool.h2 = None;
-            pool.backoff.dropped(Instant::now(), jitter());
         }
-        while let Some(s) = pool.idle_h1.pop() {
-            if s.is_ready() {
+        loop {
+            let mut s = self.inner.pool.lock().unwrap().idle_h1.pop()?;
+            // Ready once the previous answer has been taken off the connection; an error when
+            // the server closed it meanwhile (then the next idle one, or a new connection).
+            if !s.is_closed() && s.ready().await.is_ok() {
                 return Some(Sender::H1(s));
             }
         }
-        None
     }
 
     async fn connect(&self) -> Result<Sender, ClientError> {
