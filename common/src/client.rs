@@ -1,20 +1,49 @@
-//! A small HTTPS client for talking to the controller: HTTP/1.1 over rustls, trusting only the
-//! fleet CA. Used by the agent (so it needs no HTTP client framework) and by the CLI.
+//! A small HTTPS client for talking to the controller over rustls, trusting only the fleet CA.
+//! Used by the agent (so it needs no HTTP client framework) and by the CLI.
 //!
-//! Every request opens a new connection. rustls keeps a session cache in the shared
-//! `ClientConfig`, so reconnects resume TLS sessions instead of paying a full handshake.
+//! One `Client` (and every clone of it) keeps one TLS connection to the controller and sends
+//! all its requests over it: the agent's long-poll, its heartbeats and its bundle downloads
+//! share a single HTTP/2 connection (ALPN `h2`), one stream each. A server that offers only
+//! HTTP/1.1 (ALPN `http/1.1`, or none) gets keep-alive connections instead, one per request in
+//! flight: an idle one is reused, a busy one never is, and at most [`MAX_IDLE_H1`] idle ones
+//! are kept.
+//!
+//! New connections are made one at a time. When the connection drops, the next one is made
+//! after a short random delay (so a thousand agents that lost the same controller do not all
+//! come back in the same millisecond); failed attempts then back off exponentially with
+//! jitter ([`Backoff`]). A `503` with `Retry-After` (what a controller at its connection cap
+//! answers) also holds back the next connection for that long. rustls keeps a session cache
+//! in the shared `ClientConfig`, so reconnects resume TLS sessions.
 
-use std::sync::Arc;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
+
+/// Delay before the first retry after a failed connection attempt; it doubles per failure.
+pub const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
+/// Cap on the delay between connection attempts.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Idle HTTP/1.1 connections kept for reuse (HTTP/2 needs only one connection).
+pub const MAX_IDLE_H1: usize = 4;
+/// HTTP/2 pings on an idle connection, so a connection that died silently (a NAT that forgot
+/// it, a controller host that vanished) is noticed and replaced before the next request.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// A ping unanswered for this long closes the connection.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `Retry-After` honoured, so a confused server cannot park a client for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -45,14 +74,6 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the controller could not be reached at all (as opposed to a bad answer).
-    pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Connect { .. } | ClientError::Timeout { .. }
-        )
-    }
-
     /// Whether trying again later may succeed: everything but a bad URL or CA, and a body
     /// over the caller's limit (the answer itself is wrong, not the way it came).
     pub fn is_transient(&self) -> bool {
@@ -60,6 +81,24 @@ impl ClientError {
             self,
             ClientError::BadUrl(_) | ClientError::BadCa(_) | ClientError::Body { .. }
         )
+    }
+
+    /// Whether the controller could not be reached at all (as opposed to a bad answer): no
+    /// connection, a timeout, a connection the server closed during the handshake (a
+    /// controller at its connection cap does that) or before answering.
+    pub fn is_unreachable(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Tls { source, .. } => matches!(
+                source.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            ),
+            ClientError::Http { source, .. } => {
+                source.is_closed() || source.is_incomplete_message() || source.is_canceled()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -77,14 +116,67 @@ impl Response {
     }
 }
 
-#[derive(Clone)]
-pub struct Client {
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
-    host_header: HeaderValue,
-    tls: TlsConnector,
-    auth: Option<HeaderValue>,
+/// When the next connection attempt may start: a pure state machine driven by the outcome
+/// of each attempt, `now` and a jitter fraction in [0, 1).
+///
+/// - After an established connection drops: wait `jitter × RECONNECT_INITIAL` (0-200 ms).
+/// - After the n-th consecutive failed attempt: `d = min(RECONNECT_MAX, RECONNECT_INITIAL ×
+///   2^(n-1))`, wait `d/2 + jitter × d/2` (200 ms, 400 ms, 800 ms ... 10 s, each 50-100 %).
+/// - After a `503` with `Retry-After: s`: wait at least `s` (capped at [`MAX_RETRY_AFTER`])
+///   plus up to half of it again.
+/// - A successful connection clears the failures.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Backoff {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+impl Backoff {
+    /// How long to wait before the next attempt.
+    pub fn wait(&self, now: Instant) -> Duration {
+        self.not_before
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+
+    pub fn connected(&mut self) {
+        self.failures = 0;
+        self.not_before = None;
+    }
+
+    pub fn failed(&mut self, now: Instant, jitter: f64) {
+        self.failures = self.failures.saturating_add(1);
+        let d = RECONNECT_INITIAL
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(RECONNECT_MAX);
+        self.push(now + d / 2 + d.mul_f64(jitter.clamp(0.0, 1.0) / 2.0));
+    }
+
+    pub fn dropped(&mut self, now: Instant, jitter: f64) {
+        self.push(now + RECONNECT_INITIAL.mul_f64(jitter.clamp(0.0, 1.0)));
+    }
+
+    pub fn retry_after(&mut self, now: Instant, after: Duration, jitter: f64) {
+        let after = after.min(MAX_RETRY_AFTER);
+        self.push(now + after + after.mul_f64(jitter.clamp(0.0, 1.0) / 2.0));
+    }
+
+    fn push(&mut self, t: Instant) {
+        self.not_before = Some(self.not_before.map_or(t, |old| old.max(t)));
+    }
+}
+
+/// A fraction in [0, 1) that differs between processes and calls: std's `RandomState` is
+/// seeded from the OS once per process, so no RNG crate is needed for spreading reconnects.
+fn jitter() -> f64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Seconds of a `Retry-After` header (the delta-seconds form; an HTTP date is ignored).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Splits `https://host:port[/]` into host and port.
@@ -111,7 +203,8 @@ pub fn parse_base_url(url: &str) -> Result<(String, u16), ClientError> {
     Ok((host, port))
 }
 
-/// A rustls client config trusting exactly the certificates in `ca_pem`.
+/// A rustls client config trusting exactly the certificates in `ca_pem` (no ALPN: the
+/// [`Client`] adds its own).
 pub fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut ca_pem.as_bytes())
@@ -137,18 +230,54 @@ pub fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, ClientError
     Ok(Arc::new(cfg))
 }
 
+type Body = Full<Bytes>;
+
+/// A connection to send one request on.
+enum Sender {
+    H2(http2::SendRequest<Body>),
+    H1(http1::SendRequest<Body>),
+}
+
+#[derive(Default)]
+struct Pool {
+    h2: Option<http2::SendRequest<Body>>,
+    idle_h1: Vec<http1::SendRequest<Body>>,
+    backoff: Backoff,
+}
+
+struct Inner {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    host_header: HeaderValue,
+    /// `https://host:port`, the authority of HTTP/2 requests.
+    origin: String,
+    tls: TlsConnector,
+    auth: Option<HeaderValue>,
+    pool: Mutex<Pool>,
+    /// Held while a new connection is being made, so there is one attempt at a time.
+    dial: tokio::sync::Mutex<()>,
+}
+
+/// Clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
 impl Client {
     /// `auth` is the whole `Authorization` header value (`Bearer …` or `Basic …`).
     pub fn new(base_url: &str, ca_pem: &str, auth: Option<&str>) -> Result<Client, ClientError> {
         let (host, port) = parse_base_url(base_url)?;
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
-        let host_header = HeaderValue::from_str(&if host.contains(':') {
+        let authority = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
-        })
-        .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
+        };
+        let host_header = HeaderValue::from_str(&authority)
+            .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
         let auth = match auth {
             Some(a) => Some(
                 HeaderValue::from_str(a)
@@ -156,18 +285,25 @@ impl Client {
             ),
             None => None,
         };
+        let mut tls = Arc::unwrap_or_clone(tls_config(ca_pem)?);
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Client {
-            host,
-            port,
-            server_name,
-            host_header,
-            tls: TlsConnector::from(tls_config(ca_pem)?),
-            auth,
+            inner: Arc::new(Inner {
+                host,
+                port,
+                server_name,
+                host_header,
+                origin: format!("https://{authority}"),
+                tls: TlsConnector::from(Arc::new(tls)),
+                auth,
+                pool: Mutex::new(Pool::default()),
+                dial: tokio::sync::Mutex::new(()),
+            }),
         })
     }
 
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        format!("{}:{}", self.inner.host, self.inner.port)
     }
 
     pub async fn get(
@@ -177,19 +313,6 @@ impl Client {
         max_body: usize,
     ) -> Result<Response, ClientError> {
         self.request(Method::GET, path, None, timeout, max_body)
-            .await
-    }
-
-    /// A GET for a large body with no overall deadline: it fails once no data arrived for
-    /// `idle` (for the answer's head or any part of its body), so a slow but moving download
-    /// completes and a stalled one is given up quickly.
-    pub async fn download(
-        &self,
-        path: &str,
-        idle: Duration,
-        max_body: usize,
-    ) -> Result<Response, ClientError> {
-        self.request_inner(Method::GET, path, None, max_body, Some(idle))
             .await
     }
 
@@ -209,6 +332,8 @@ impl Client {
         .await
     }
 
+    /// One request with its answer read, within `timeout` (waiting for a connection
+    /// included).
     pub async fn request(
         &self,
         method: Method,
@@ -225,10 +350,45 @@ impl Client {
         .await
         {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout {
-                addr,
-                after: timeout,
-            }),
+            Err(_) => {
+                // No answer in time: the shared connection may be dead without knowing it yet.
+                self.forget_h2();
+                Err(ClientError::Timeout {
+                    addr,
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// A GET for a large body with no overall deadline: it fails once no data arrived for
+    /// `idle` (for the answer's head or any part of its body), so a slow but moving download
+    /// completes and a stalled one is given up quickly.
+    pub async fn download(
+        &self,
+        path: &str,
+        idle: Duration,
+        max_body: usize,
+    ) -> Result<Response, ClientError> {
+        let r = self
+            .request_inner(Method::GET, path, None, max_body, Some(idle))
+            .await;
+        if let Err(ClientError::Stalled { .. }) = r {
+            self.forget_h2();
+        }
+        r
+    }
+
+    /// Drops the shared HTTP/2 connection, so the next request dials a new one. Requests
+    /// already on it keep it until they end.
+    fn forget_h2(&self) {
+        self.inner.pool.lock().unwrap().h2 = None;
+    }
+
+    fn http_err(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            addr: self.addr(),
+            source,
         }
     }
 
@@ -240,36 +400,9 @@ impl Client {
         max_body: usize,
         idle: Option<Duration>,
     ) -> Result<Response, ClientError> {
-        let addr = self.addr();
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|source| ClientError::Tls {
-                addr: addr.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|source| ClientError::Http {
-                addr: addr.clone(),
-                source,
-            })?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, self.host_header.clone());
-        if let Some(a) = &self.auth {
+        let inner = &self.inner;
+        let mut req = Request::builder().method(method);
+        if let Some(a) = &inner.auth {
             req = req.header(AUTHORIZATION, a.clone());
         }
         let payload = match body {
@@ -279,31 +412,172 @@ impl Client {
             }
             None => Bytes::new(),
         };
-        let req = req
+        let mut req = req
             .body(Full::new(payload))
             .map_err(|_| ClientError::BadUrl(path.to_string()))?;
-        let resp = within(idle, &addr, sender.send_request(req))
-            .await?
-            .map_err(|source| ClientError::Http {
-                addr: addr.clone(),
-                source,
-            })?;
-        let (parts, body) = resp.into_parts();
-        let body = read_body(body, max_body, idle, &addr).await;
-        driver.abort();
-        let body = body?;
+        let bad_path = || ClientError::BadUrl(path.to_string());
+        // A connection taken from the pool may turn out closed before the request went out
+        // (the server timed it out a moment ago): then the same request goes out once more on
+        // a fresh connection. A request that was sent is never repeated here.
+        let mut attempts = 0;
+        let resp = loop {
+            attempts += 1;
+            let (sender, reused) = self.checkout().await?;
+            let sent = match sender {
+                Sender::H2(mut s) => {
+                    *req.uri_mut() = format!("{}{path}", inner.origin)
+                        .parse::<Uri>()
+                        .map_err(|_| bad_path())?;
+                    req.headers_mut().remove(HOST);
+                    within(idle, &inner.host_header, s.try_send_request(req))
+                        .await?
+                        .map(|r| (r, None))
+                }
+                Sender::H1(mut s) => {
+                    *req.uri_mut() = path.parse::<Uri>().map_err(|_| bad_path())?;
+                    req.headers_mut().insert(HOST, inner.host_header.clone());
+                    let r = within(idle, &inner.host_header, s.try_send_request(req)).await?;
+                    r.map(|r| (r, Some(s)))
+                }
+            };
+            match sent {
+                Ok(r) => break r,
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused && attempts < 2 => req = back,
+                    _ => return Err(self.http_err(e.into_error())),
+                },
+            }
+        };
+        let ((parts, body), h1) = (resp.0.into_parts(), resp.1);
+        let body = read_body(body, max_body, idle, &inner.host_header).await?;
+        let retry_after = (parts.status == hyper::StatusCode::SERVICE_UNAVAILABLE)
+            .then(|| parts.headers.get(RETRY_AFTER))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        {
+            let mut pool = inner.pool.lock().unwrap();
+            if let Some(after) = retry_after {
+                pool.backoff.retry_after(Instant::now(), after, jitter());
+            }
+            // Not `is_ready()`: the connection becomes ready for the next request only once
+            // its driver has seen this answer end, a moment from now; checkout waits for that.
+            if let Some(s) = h1 {
+                if !s.is_closed() && pool.idle_h1.len() < MAX_IDLE_H1 {
+                    pool.idle_h1.push(s);
+                }
+            }
+        }
         Ok(Response {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
         })
     }
+
+    /// The shared HTTP/2 connection, an idle HTTP/1.1 one, or a new connection; `true` when
+    /// the connection had been used before.
+    async fn checkout(&self) -> Result<(Sender, bool), ClientError> {
+        if let Some(s) = self.pooled().await {
+            return Ok((s, true));
+        }
+        let _dial = self.inner.dial.lock().await;
+        // Another request may have connected while this one waited for its turn.
+        if let Some(s) = self.pooled().await {
+            return Ok((s, true));
+        }
+        let wait = self.inner.pool.lock().unwrap().backoff.wait(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let res = self.connect().await;
+        let mut pool = self.inner.pool.lock().unwrap();
+        match res {
+            Ok(Sender::H2(s)) => {
+                pool.backoff.connected();
+                pool.h2 = Some(s.clone());
+                Ok((Sender::H2(s), false))
+            }
+            Ok(s) => {
+                pool.backoff.connected();
+                Ok((s, false))
+            }
+            Err(e) => {
+                pool.backoff.failed(Instant::now(), jitter());
+                Err(e)
+            }
+        }
+    }
+
+    async fn pooled(&self) -> Option<Sender> {
+        {
+            let mut pool = self.inner.pool.lock().unwrap();
+            if let Some(h2) = &pool.h2 {
+                if !h2.is_closed() {
+                    return Some(Sender::H2(h2.clone()));
+                }
+                pool.h2 = None;
+                pool.backoff.dropped(Instant::now(), jitter());
+            }
+        }
+        loop {
+            let mut s = self.inner.pool.lock().unwrap().idle_h1.pop()?;
+            // Ready once the previous answer has been taken off the connection; an error when
+            // the server closed it meanwhile (then the next idle one, or a new connection).
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Some(Sender::H1(s));
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        let inner = &self.inner;
+        let addr = self.addr();
+        let tcp = TcpStream::connect((inner.host.as_str(), inner.port))
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = inner
+            .tls
+            .connect(inner.server_name.clone(), tcp)
+            .await
+            .map_err(|source| ClientError::Tls {
+                addr: addr.clone(),
+                source,
+            })?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .handshake(io)
+                .await
+                .map_err(|e| self.http_err(e))?;
+            // The connection lives until every clone of this client is gone (or it breaks).
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::handshake(io).await.map_err(|e| self.http_err(e))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
 }
 
 /// `fut`, failing as [`ClientError::Stalled`] if `idle` passes first.
 async fn within<T>(
     idle: Option<Duration>,
-    addr: &str,
+    addr: &HeaderValue,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, ClientError> {
     match idle {
@@ -311,7 +585,7 @@ async fn within<T>(
         Some(after) => tokio::time::timeout(after, fut)
             .await
             .map_err(|_| ClientError::Stalled {
-                addr: addr.to_string(),
+                addr: addr.to_str().unwrap_or("?").to_string(),
                 after,
             }),
     }
@@ -322,18 +596,19 @@ async fn read_body(
     mut body: hyper::body::Incoming,
     max: usize,
     idle: Option<Duration>,
-    addr: &str,
+    addr: &HeaderValue,
 ) -> Result<Bytes, ClientError> {
+    let addr_str = || addr.to_str().unwrap_or("?").to_string();
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = within(idle, addr, body.frame()).await? {
         let frame = frame.map_err(|source| ClientError::BodyBroken {
-            addr: addr.to_string(),
+            addr: addr_str(),
             source,
         })?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > max {
                 return Err(ClientError::Body {
-                    addr: addr.to_string(),
+                    addr: addr_str(),
                     limit: max,
                 });
             }
@@ -364,5 +639,69 @@ mod tests {
         assert!(parse_base_url("http://x:1").is_err());
         assert!(parse_base_url("https://x:1/path").is_err());
         assert!(parse_base_url("https://x:notaport").is_err());
+    }
+
+    #[test]
+    fn failed_attempts_back_off_exponentially_up_to_the_cap() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        assert_eq!(b.wait(now), Duration::ZERO, "a new client connects at once");
+        let mut waits = vec![];
+        for _ in 0..10 {
+            b.failed(now, 0.0);
+            waits.push(b.wait(now).as_millis());
+        }
+        assert_eq!(
+            waits,
+            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]
+        );
+        b.failed(now, 0.999_999);
+        assert!(b.wait(now) > RECONNECT_MAX - Duration::from_millis(1));
+        assert!(b.wait(now) <= RECONNECT_MAX);
+        b.connected();
+        b.failed(now, 0.0);
+        assert_eq!(b.wait(now), RECONNECT_INITIAL / 2, "a success starts over");
+    }
+
+    #[test]
+    fn a_dropped_connection_is_replaced_within_the_first_step_spread_by_jitter() {
+        let now = Instant::now();
+        let mut early = Backoff::default();
+        early.dropped(now, 0.0);
+        assert_eq!(early.wait(now), Duration::ZERO);
+        let mut late = Backoff::default();
+        late.dropped(now, 0.5);
+        assert_eq!(late.wait(now), RECONNECT_INITIAL / 2);
+        assert_eq!(
+            late.wait(now + Duration::from_secs(1)),
+            Duration::ZERO,
+            "the wait is measured from the drop"
+        );
+    }
+
+    #[test]
+    fn retry_after_holds_back_the_next_connection_and_is_capped() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        b.retry_after(now, Duration::from_secs(5), 0.0);
+        assert_eq!(b.wait(now), Duration::from_secs(5));
+        b.dropped(now, 0.9);
+        assert_eq!(
+            b.wait(now),
+            Duration::from_secs(5),
+            "a drop does not shorten it"
+        );
+        let mut c = Backoff::default();
+        c.retry_after(now, Duration::from_secs(86_400), 1.0);
+        assert_eq!(c.wait(now), MAX_RETRY_AFTER * 3 / 2);
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn jitter_is_a_fraction_that_varies() {
+        let v: Vec<f64> = (0..20).map(|_| jitter()).collect();
+        assert!(v.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(v.windows(2).any(|w| w[0] != w[1]));
     }
 }

@@ -182,6 +182,10 @@ pub struct ControllerConfig {
     /// nginx front. From any other peer the header is ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<crate::client_ip::Cidr>,
+    /// Client connections served at once; 0 derives it from the open-files limit
+    /// (`listener::connection_cap`). A value can only lower the derived cap.
+    #[serde(default)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod events;
 pub mod init;
 pub mod limiter;
+pub mod listener;
 pub mod master;
 pub mod nginx;
 pub mod nodes;

@@ -87,6 +87,12 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         cfg.controller.history,
     )?);
 
+    // Before anything opens files: every agent holds one connection, and 1024 (a login
+    // shell's usual soft limit) is too few for a thousand of them.
+    let nofile = crate::listener::raise_nofile();
+    let max_conns = crate::listener::connection_cap(nofile.now, cfg.controller.max_connections);
+    log!("{nofile}; serving at most {max_conns} connections at once");
+
     let listener = TcpListener::bind(cfg.controller.listen)
         .await
         .with_context(|| {
@@ -130,7 +136,13 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     tokio::spawn(steward.run(events_rx, Duration::from_millis(cfg.controller.debounce_ms)));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(serve_tls(listener, tls, app(state.clone()), shutdown_rx));
+    let server = tokio::spawn(serve_tls(
+        listener,
+        tls,
+        app(state.clone()),
+        max_conns,
+        shutdown_rx,
+    ));
     log!(
         "controller for fleet {:?} listening on https://{addr} (spec: {})",
         cfg.name,

@@ -372,8 +372,10 @@ fn html_escape(s: &str) -> String {
 }
 
 /// The rustls server config: exactly one certificate chain and one private key, ring as the
-/// explicit provider (as in the client), session tickets and a session cache so agents that
-/// reconnect for every request resume instead of paying a full handshake.
+/// explicit provider (as in the client), session tickets and a session cache so clients that
+/// reconnect resume instead of paying a full handshake. ALPN offers HTTP/2 first (an agent
+/// multiplexes its long-poll, heartbeats and downloads over one connection), then HTTP/1.1
+/// (nginx's upstream connections, curl, old clients).
 pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -396,34 +398,93 @@ pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerCon
         .with_no_client_auth()
         .with_single_cert(certs, keys.remove(0))
         .context("server certificate and key do not match")?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` turns true. There is no plaintext path:
-/// a connection that does not complete a TLS handshake within 10 s is dropped.
+/// Streams one HTTP/2 connection may carry at once. An agent uses three at most (long-poll,
+/// heartbeat, bundle download); a browser on the dashboard and the Locust UI a few dozen.
+pub const H2_MAX_STREAMS: u32 = 100;
+/// The server pings an HTTP/2 connection that has been silent this long...
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and closes it when the answer takes longer than this: a dead agent's connection (its
+/// node terminated without a FIN) is reclaimed within 80 s. Live agents ping every 30 s
+/// themselves, which keeps the server's pings from being needed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// An HTTP/1.1 connection must send a request's headers within this, idle keep-alive
+/// connections included: it is also their idle timeout.
+pub const H1_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection must complete its TLS handshake within this.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` over TLS on `listener` until `shutdown` turns true, HTTP/2 or HTTP/1.1 as
+/// ALPN chose. There is no plaintext path. At most `max_conns` connections are served at once;
+/// past that they are shed (`crate::listener`). A failing `accept` (`EMFILE` ...) pauses the
+/// loop, longer each time, and is logged once per interval, not once per failure.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
+    max_conns: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use crate::listener::{accept_pause, shed, Throttle, LOG_EVERY, SHED_SLOTS};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    use tokio::sync::Semaphore;
     use tower::ServiceExt;
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = TlsAcceptor::from(tls.clone());
+    let shed_acceptor = {
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(h1))
+    };
+    let served = Arc::new(Semaphore::new(max_conns));
+    let shedding = Arc::new(Semaphore::new(SHED_SLOTS));
+    let (mut failures, mut accept_log, mut shed_log) =
+        (0u32, Throttle::default(), Throttle::default());
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    failures = 0;
+                    x
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    crate::log(format_args!("accept failed: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    failures = failures.saturating_add(1);
+                    if let Some(n) = accept_log.hit(std::time::Instant::now()) {
+                        crate::log(format_args!(
+                            "accept failed {n} time(s) in {}s, last: {e}; pausing up to 1 s each \
+                             time (raise LimitNOFILE or lower controller.max_connections)",
+                            LOG_EVERY.as_secs()
+                        ));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(accept_pause(failures)) => {}
+                        _ = shutdown.changed() => return,
+                    }
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = served.clone().try_acquire_owned() else {
+            if let Some(n) = shed_log.hit(std::time::Instant::now()) {
+                crate::log(format_args!(
+                    "at the cap of {max_conns} connections: shed {n} in {}s (503 with \
+                     Retry-After, or closed); raise LimitNOFILE or controller.max_connections",
+                    LOG_EVERY.as_secs()
+                ));
+            }
+            if let Ok(slot) = shedding.clone().try_acquire_owned() {
+                let acceptor = shed_acceptor.clone();
+                tokio::spawn(async move {
+                    shed(tcp, acceptor).await;
+                    drop(slot);
+                });
+            }
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -431,20 +492,39 @@ pub async fn serve_tls(
             .clone()
             .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(Peer(addr));
+                // HTTP/2 carries the host in `:authority`; handlers read `Host`.
+                if !req.headers().contains_key(header::HOST) {
+                    if let Some(v) = req
+                        .uri()
+                        .authority()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                    {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
                 req
             });
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(Ok(tls)) =
-                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
                 return;
             };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(tls), svc);
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(H1_HEADER_TIMEOUT);
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_MAX_STREAMS)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT);
+            let b = if h2 { b.http2_only() } else { b.http1_only() };
+            let conn = b.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

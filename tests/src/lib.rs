@@ -224,16 +224,41 @@ impl Fleet {
     }
 
     pub fn start_serve(&mut self) {
+        let mut cmd = Command::new(bin("fleet"));
+        cmd.arg("--dir").arg(self.path()).arg("serve");
+        self.spawn_serve(cmd);
+    }
+
+    /// Starts `fleet serve` under open-files limits set by the shell first (`ulimit -Sn` for
+    /// `soft`, `-Hn` for `hard`), as a login shell or a unit without `LimitNOFILE` would.
+    pub fn start_serve_with_nofile(&mut self, soft: u64, hard: Option<u64>) {
+        // The soft limit first: a hard limit below the current soft one is refused.
+        let hard = hard
+            .map(|h| format!("ulimit -Hn {h} && "))
+            .unwrap_or_default();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -Sn {soft} && {hard}exec \"$0\" \"$@\""))
+            .arg(bin("fleet"))
+            .arg("--dir")
+            .arg(self.path())
+            .arg("serve");
+        self.spawn_serve(cmd);
+    }
+
+    /// The pid of `fleet serve`, while it runs.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(|c| c.id())
+    }
+
+    fn spawn_serve(&mut self, mut cmd: Command) {
         assert!(self.serve.is_none(), "already serving");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path().join("serve.log"))
             .unwrap();
-        let child = Command::new(bin("fleet"))
-            .arg("--dir")
-            .arg(self.path())
-            .arg("serve")
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
