@@ -7,6 +7,7 @@ pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod fanout;
 pub mod init;
 pub mod master;
 pub mod nginx;

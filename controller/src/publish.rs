@@ -16,6 +16,8 @@ use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT
 use fleet_common::wire::{SpecVersion, SpecView};
 use tokio::sync::watch;
 
+use crate::fanout::Fanout;
+
 /// One published version, as served.
 #[derive(Debug)]
 pub struct Publication {
@@ -54,6 +56,8 @@ pub struct Publisher {
     keep: usize,
     inner: Mutex<Inner>,
     tx: watch::Sender<Option<Arc<Publication>>>,
+    /// Answers served per publication of this run (`GET /api/fanout`).
+    pub fanout: Fanout,
 }
 
 struct Inner {
@@ -119,6 +123,7 @@ impl Publisher {
                 last_error: None,
             }),
             tx,
+            fanout: Fanout::default(),
         };
         Ok(p)
     }
@@ -271,6 +276,7 @@ impl Publisher {
             sequence.to_string().as_bytes(),
         )?;
         drop(inner);
+        self.fanout.published(sequence, sha);
         self.tx.send_replace(Some(publication.clone()));
         Ok(publication)
     }
