@@ -66,6 +66,7 @@ import statistics
 import tarfile
 import threading
 import time
+import urllib.error
 
 from common import PROFILE, Fleet, build_release, machine, pct
 
@@ -263,20 +264,38 @@ def starts(f):
     return out
 
 
+API_FAILURES = [0]
+
+
+def api(f, path):
+    """`f.api`, but a timeout or refusal (the controller out of open files) is counted and read as
+    "not yet", so that the waits carry on."""
+    try:
+        return f.api(path)
+    except (OSError, urllib.error.URLError):
+        API_FAILURES[0] += 1
+        return None
+
+
 def fanout_log(f):
-    return {r["sequence"]: r for r in f.api("/api/fanout")}
+    return {r["sequence"]: r for r in f.wait("GET /api/fanout", lambda: api(f, "/api/fanout"), timeout=300, every=1.0)}
 
 
 def wait_all_on(f, sha, timeout=600):
     def done():
-        nodes = f.api("/api/nodes")
+        nodes = api(f, "/api/nodes") or []
         ok = [n for n in nodes if (n.get("running") or {}).get("sha256") == sha]
         return nodes if len(ok) == a.agents and len(nodes) == a.agents else None
     return f.wait(f"all {a.agents} agents on {sha[:12]}", done, timeout=timeout, every=1.0)
 
 
+def current_sha(f):
+    cur = (api(f, "/api/spec") or {}).get("current")
+    return cur and cur["sha256"]
+
+
 def new_publication(f, old):
-    return f.wait("a new publication", lambda: (lambda s: s if s and s != old else None)(f.current_sha()), timeout=60)
+    return f.wait("a new publication", lambda: (lambda s: s if s and s != old else None)(current_sha(f)), timeout=120)
 
 
 def run_edits(f, phase, writes, final_sha):
@@ -333,7 +352,7 @@ def summarise(name, per_edit, records, writes, drift, probe):
 
 
 def burst(f, phase):
-    old = f.current_sha()
+    old = current_sha(f)
     probe = HealthProbe(f)
     probe.start()
     before = accept_failures(f)
@@ -342,11 +361,12 @@ def burst(f, phase):
         writes[k] = edit(f, phase, k)
         if k < a.edits:
             time.sleep(max(0.0, writes[k] + a.gap - time.time()))
-    final = f.wait(f"{phase}: the last edit published", lambda: (lambda s: s if s and s != old and covered_edit(f, s, phase) == a.edits else None)(f.current_sha()), timeout=60, every=0.1)
+    final = f.wait(f"{phase}: the last edit published", lambda: (lambda s: s if s and s != old and covered_edit(f, s, phase) == a.edits else None)(current_sha(f)), timeout=120, every=0.1)
     per_edit, records, drift = run_edits(f, phase, writes, final)
     res = summarise(phase, per_edit, records, writes, drift, probe.stop())
     res["accept_failures"] = accept_failures(f) - before
-    print(f"  controller `accept failed` log lines during the phase: {res['accept_failures']}")
+    print(f"  controller `accept failed` log lines during the phase: {res['accept_failures']}; "
+          f"operator API requests of this script that failed so far: {API_FAILURES[0]}")
     return res
 
 
@@ -361,14 +381,14 @@ def pinned(f, phase):
     out = []
     try:
         for k in range(1, a.pinned_rounds + 1):
-            old = f.current_sha()
+            old = current_sha(f)
             time.sleep(1.0)
             sampler = CpuSampler(f.serve.pid)
             sampler.start()
             writes = {k: edit(f, phase, k)}
             new = new_publication(f, old)
             # Until the fan-out is complete, only the small /api/fanout is asked for, not /api/nodes.
-            seq = f.api("/api/spec")["current"]["sequence"]
+            seq = f.wait("the current sequence", lambda: (api(f, "/api/spec") or {}).get("current"))["sequence"]
             f.wait("the fan-out of the round", lambda: (lambda r: r and r["manifests"] >= a.agents and r["bundles"] >= a.agents)(
                 fanout_log(f).get(seq)), timeout=600, every=0.5)
             per_edit, records, drift = run_edits(f, phase, writes, new)
@@ -421,7 +441,7 @@ try:
     print(f"\n[connect] fleet scale --nodes {a.agents} until all checked in: {results['connect']:.1f} s "
           f"({results['connect'] / a.agents * 1000:.1f} ms per agent); `accept failed` lines: {accept_failures(f) - before}")
 
-    wait_all_on(f, f.current_sha())
+    wait_all_on(f, f.wait("the current bundle", lambda: current_sha(f)))
     time.sleep(a.settle)
     agents = agent_pids(f)
     c0, a0, t0 = cpu_ticks(pid), sum(cpu_ticks(p) for p in agents), time.time()
@@ -441,7 +461,7 @@ try:
 
     if not a.no_herd:
         size = int(a.herd_mib * (1 << 20))
-        old = f.current_sha()
+        old = current_sha(f)
         probe = HealthProbe(f)
         probe.start()
         before = accept_failures(f)
