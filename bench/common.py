@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: a throw-away fleet directory driven through the real CLI.
 
-Everything runs on 127.0.0.1. Binaries come from target/release (built by the bench scripts).
+Everything runs on 127.0.0.1. Binaries come from target/release (built by the bench scripts);
+FLEET_BENCH_PROFILE=debug selects target/debug (and a dev build) to try a script out quickly.
 """
 import json
 import os
@@ -14,12 +15,15 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-REL = os.path.join(TARGET, os.environ.get("FLEET_BENCH_PROFILE", "release"))
+PROFILE = os.environ.get("FLEET_BENCH_PROFILE", "release")
+REL = os.path.join(TARGET, PROFILE)
 LOCUST = os.path.join(ROOT, ".venv", "bin", "locust")
 
 
 def build_release():
-    subprocess.run(["cargo", "build", "--release", "--bins", "--locked"], cwd=ROOT, check=True)
+    """Builds the binaries the scripts run: the release build, or a dev build for PROFILE=debug."""
+    profile = [] if PROFILE == "debug" else ["--release"]
+    subprocess.run(["cargo", "build", *profile, "--bins", "--locked"], cwd=ROOT, check=True)
 
 
 def free_port():
@@ -81,9 +85,11 @@ class Fleet:
             raise SystemExit(f"fleet {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
 
-    def start(self):
+    def start(self, preexec_fn=None):
+        """Starts `fleet serve`; `preexec_fn` runs in the child before exec (limits, affinity)."""
         log = open(os.path.join(self.dir, "serve.log"), "a")
-        self.serve = subprocess.Popen([os.path.join(REL, "fleet"), "--dir", self.dir, "serve"], stdout=log, stderr=log)
+        self.serve = subprocess.Popen([os.path.join(REL, "fleet"), "--dir", self.dir, "serve"], stdout=log, stderr=log,
+                                      preexec_fn=preexec_fn)
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()

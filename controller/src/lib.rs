@@ -8,6 +8,7 @@ pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod fanout;
 pub mod init;
 pub mod limiter;
 pub mod listener;

@@ -16,6 +16,8 @@ use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT
 use fleet_common::wire::{Heartbeat, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
+use crate::fanout::Fanout;
+
 /// One published version, as served.
 #[derive(Debug)]
 pub struct Publication {
@@ -54,6 +56,8 @@ pub struct Publisher {
     keep: usize,
     inner: Mutex<Inner>,
     tx: watch::Sender<Option<Arc<Publication>>>,
+    /// Answers served per publication of this run (`GET /api/fanout`).
+    pub fanout: Fanout,
 }
 
 struct Inner {
@@ -157,6 +161,7 @@ impl Publisher {
                 learned: 0,
             }),
             tx,
+            fanout: Fanout::default(),
         };
         Ok(p)
     }
@@ -352,6 +357,7 @@ impl Publisher {
             sequence.to_string().as_bytes(),
         )?;
         drop(inner);
+        self.fanout.published(sequence, sha);
         self.tx.send_replace(Some(publication.clone()));
         Ok(publication)
     }

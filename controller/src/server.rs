@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{from_fn_with_state, Next};
@@ -63,6 +62,7 @@ pub fn app(state: Shared) -> Router {
         .route(routes::API_SPEC, get(api_spec))
         .route(routes::API_MASTER, get(api_master))
         .route(crate::events::ROUTE, get(api_events))
+        .route(crate::fanout::ROUTE, get(crate::fanout::api))
         .route(routes::API_SWARM, post(api_swarm))
         .route(routes::API_STOP, post(api_stop))
         .route("/locust", any(crate::proxy::locust))
@@ -190,6 +190,7 @@ async fn manifest(State(st): State<Shared>, Query(q): Query<ManifestQuery>) -> R
         let cur = rx.borrow_and_update().clone();
         if let Some(p) = cur {
             if q.after.is_none_or(|a| p.manifest.sequence > a) {
+                st.publisher.fanout.manifest(p.manifest.sequence);
                 return (
                     [
                         (
@@ -243,7 +244,7 @@ async fn bundle(State(st): State<Shared>, Path(sha): Path<String>) -> Response {
                     HeaderValue::from_str(&format!("\"{sha}\"")).expect("hex"),
                 ),
             ],
-            Body::from(b),
+            st.publisher.fanout.bundle_body(&sha, b),
         )
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -540,6 +541,7 @@ pub async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
 
     fn req(method: &str, origin: Option<&str>) -> Request {
         let mut b = axum::http::Request::builder()
