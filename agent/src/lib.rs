@@ -2,7 +2,7 @@
 //! manifests and keeps the right Locust workers running; docs/architecture-agent.md walks
 //! through its parts.
 //!
-//! - [`agent`]: the `select!` loop that feeds events to the [`machine`] and carries out its
+//! - [`agent`]: the `select!` loop that feeds events to the `machine` and carries out its
 //!   effects, owning the worker sets and the long-running tasks;
 //! - `machine`: the pure state machine (rollback, promotion, overlap, offline, lifetime);
 //! - `poller`: long-poll, verification, download (with retries) of new releases;
