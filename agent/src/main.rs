@@ -80,14 +80,9 @@ async fn load(args: &Args) -> Result<config::Config, String> {
     };
     let (cfg, note) = config::resolve(layers, user_data)?;
     if let Some(note) = note {
-        log(&note);
+        fleet_agent::log!("{note}");
     }
     Ok(cfg)
-}
-
-fn log(line: &str) {
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-    eprintln!("{now} fleet-agent: {line}");
 }
 
 enum Failure {
@@ -111,7 +106,7 @@ async fn run() -> Result<(), Failure> {
         .unwrap_or_else(fleet_agent::agent::default_node_id);
     fleet_agent::agent::run(cfg, node_id)
         .await
-        .map_err(Failure::Runtime)
+        .map_err(|e| Failure::Runtime(e.to_string()))
 }
 
 fn main() {

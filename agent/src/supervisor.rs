@@ -3,8 +3,8 @@
 //! Each worker runs in a process group of its own, so stopping it reaches anything it spawned:
 //! SIGTERM to the group, a grace period, then SIGKILL. A worker that exits, whatever its exit
 //! code, is restarted after a capped exponential backoff (Locust workers orphaned by a master
-//! restart exit 0 after 60 s: LOCUST.md). Every exit is also reported on a channel, so the
-//! agent can tell a crash loop from an occasional restart.
+//! restart exit 0 a minute later: docs/locust.md). Every spawn, join and exit is also reported
+//! on a channel, so the agent can tell a crash loop from an occasional restart.
 //!
 //! A new worker counts as joined once it holds an established TCP connection to the master
 //! (read from `/proc`: Locust's ZMQ socket connects from the worker process itself as soon as
@@ -12,8 +12,7 @@
 //! ends a hot restart's overlap on that event, so the old workers are stopped only once the
 //! new ones are at the master, however long a loaded machine takes to import Locust.
 
-use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -26,6 +25,8 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::procfs;
 
 /// First restart delay; doubled on every consecutive quick exit up to [`BACKOFF_MAX`].
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -62,7 +63,12 @@ pub struct Exit {
 
 /// What the workers tell the agent's main loop.
 #[derive(Debug)]
-pub enum Event {
+pub enum WorkerEvent {
+    /// A worker process was spawned (at first, or again after an exit).
+    Spawned {
+        generation: u64,
+        index: u32,
+    },
     Exit(Exit),
     /// A worker joined the master (or its join grace ran out: `connected` false).
     Joined {
@@ -70,81 +76,6 @@ pub enum Event {
         index: u32,
         connected: bool,
     },
-}
-
-/// The socket inodes a process holds.
-fn socket_inodes(pid: u32) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        if let Ok(target) = std::fs::read_link(e.path()) {
-            let t = target.to_string_lossy();
-            if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                if let Ok(n) = n.parse() {
-                    out.insert(n);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Parses `/proc/net/tcp{,6}`'s `HEX:PORT` address (the words in host byte order).
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
-    let (ip, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| {
-        u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16)
-            .ok()
-            .map(|w| w.to_ne_bytes())
-    };
-    let ip = match ip.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
-        32 => {
-            let mut b = [0u8; 16];
-            for i in 0..4 {
-                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            let v6 = Ipv6Addr::from(b);
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-/// Whether process `pid` has an established TCP connection to one of `remotes`.
-pub fn connected_to(pid: u32, remotes: &[SocketAddr]) -> bool {
-    if remotes.is_empty() {
-        return false;
-    }
-    let inodes = socket_inodes(pid);
-    if inodes.is_empty() {
-        return false;
-    }
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != "01" {
-                continue;
-            }
-            let (Some(rem), Ok(inode)) = (parse_proc_addr(f[2]), f[9].parse::<u64>()) else {
-                continue;
-            };
-            if inodes.contains(&inode) && remotes.contains(&rem) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 #[derive(Debug, Clone)]
@@ -211,7 +142,7 @@ async fn run_slot(
     timing: Timing,
     status: Arc<Mutex<SlotStatus>>,
     mut stop: oneshot::Receiver<()>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
 ) {
     let set = |f: &dyn Fn(&mut SlotStatus)| f(&mut status.lock().unwrap());
     let mut backoff = BACKOFF_INITIAL;
@@ -225,6 +156,7 @@ async fn run_slot(
                     s.pid = Some(pid);
                     s.state = WorkerState::Starting;
                 });
+                let _ = events.send(WorkerEvent::Spawned { generation, index });
                 let grace = tokio::time::sleep(timing.join_grace);
                 tokio::pin!(grace);
                 let mut poll = tokio::time::interval(JOIN_POLL);
@@ -232,16 +164,16 @@ async fn run_slot(
                 loop {
                     tokio::select! {
                         _ = poll.tick(), if !joined && !cmd.master.is_empty() => {
-                            if connected_to(pid, &cmd.master) {
+                            if procfs::connected_to(pid, &cmd.master) {
                                 joined = true;
                                 set(&|s| s.state = WorkerState::Running);
-                                let _ = events.send(Event::Joined { generation, index, connected: true });
+                                let _ = events.send(WorkerEvent::Joined { generation, index, connected: true });
                             }
                         }
                         _ = &mut grace, if !joined => {
                             joined = true;
                             set(&|s| s.state = WorkerState::Running);
-                            let _ = events.send(Event::Joined { generation, index, connected: false });
+                            let _ = events.send(WorkerEvent::Joined { generation, index, connected: false });
                         }
                         r = child.wait() => {
                             signal_group(pid, Signal::SIGKILL);
@@ -268,7 +200,7 @@ async fn run_slot(
             s.state = WorkerState::Backoff;
             s.last_exit = Some(exit_line.clone());
         });
-        let _ = events.send(Event::Exit(Exit {
+        let _ = events.send(WorkerEvent::Exit(Exit {
             generation,
             index,
             status: exit_line,
@@ -290,7 +222,7 @@ impl WorkerSet {
         generation: u64,
         cmds: Vec<WorkerCmd>,
         timing: Timing,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::UnboundedSender<WorkerEvent>,
     ) -> WorkerSet {
         let slots = cmds
             .into_iter()
@@ -381,18 +313,6 @@ mod tests {
         }
     }
 
-    /// Alive and not a zombie: an orphaned grandchild is reaped by init, maybe not at once.
-    fn alive(pid: u32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .map(|r| !r.trim_start().starts_with('Z'))
-                .unwrap_or(false),
-            Err(_) => false,
-        }
-    }
-
     #[tokio::test]
     async fn workers_that_exit_are_restarted_whatever_the_code() {
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -404,7 +324,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            if let Event::Exit(e) = e {
+            if let WorkerEvent::Exit(e) = e {
                 assert_eq!(e.generation, 7);
                 seen.insert((e.index, e.status));
                 exits += 1;
@@ -439,7 +359,7 @@ mod tests {
         }
         let grandchild = grandchild.expect("grandchild started");
         let leader = set.reports()[0].pid.unwrap();
-        assert!(alive(leader) && alive(grandchild));
+        assert!(procfs::alive(leader) && procfs::alive(grandchild));
         let t = Instant::now();
         set.stop().await;
         assert!(
@@ -447,8 +367,8 @@ mod tests {
             "SIGKILL came before the grace period"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!alive(leader), "leader survived");
-        assert!(!alive(grandchild), "grandchild survived");
+        assert!(!procfs::alive(leader), "leader survived");
+        assert!(!procfs::alive(grandchild), "grandchild survived");
     }
 
     #[tokio::test]
@@ -460,18 +380,6 @@ mod tests {
         let t = Instant::now();
         set.stop().await;
         assert!(t.elapsed() < Duration::from_millis(300));
-    }
-
-    #[test]
-    fn proc_net_addresses_parse() {
-        // 127.0.0.1:5557 as the kernel prints it on a little-endian machine.
-        let le = if cfg!(target_endian = "little") {
-            "0100007F:15B5"
-        } else {
-            "7F000001:15B5"
-        };
-        assert_eq!(parse_proc_addr(le), Some("127.0.0.1:5557".parse().unwrap()));
-        assert_eq!(parse_proc_addr("nonsense"), None);
     }
 
     /// A worker joins when it connects to the master, long before the join grace ends; one
@@ -512,10 +420,11 @@ mod tests {
                 .unwrap()
                 .unwrap()
             {
-                Event::Joined {
+                WorkerEvent::Joined {
                     index, connected, ..
                 } => joined.push((index, connected, t0.elapsed())),
-                Event::Exit(e) => panic!("worker exited: {e:?}"),
+                WorkerEvent::Spawned { .. } => {}
+                WorkerEvent::Exit(e) => panic!("worker exited: {e:?}"),
             }
         }
         assert_eq!((joined[0].0, joined[0].1), (0, true), "{joined:?}");
