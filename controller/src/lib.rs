@@ -19,6 +19,7 @@ pub mod run;
 pub mod secrets;
 pub mod serve;
 pub mod server;
+pub mod standing;
 pub mod target;
 pub mod userdata;
 
