@@ -274,6 +274,11 @@ impl Fleet {
         }
     }
 
+    /// The pid of `fleet serve`, while it runs.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(|c| c.id())
+    }
+
     pub fn serve_log(&self) -> String {
         std::fs::read_to_string(self.path().join("serve.log")).unwrap_or_default()
     }
