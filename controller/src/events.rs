@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::master::Stats;
-use crate::nodes::NodeSummary;
+use crate::overview::NodeSummary;
 use crate::server::{AppState, Shared};
 use crate::standing::Current;
 
@@ -275,7 +275,7 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::nodes::BundleCount;
+    use crate::overview::BundleCount;
 
     const ONE: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const TWO: &str = "2222222222222222222222222222222222222222222222222222222222222222";

@@ -236,7 +236,8 @@ async fn bundle(State(st): State<Shared>, Path(sha): Path<String>) -> Response {
 }
 
 async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
-    use crate::nodes::{Refusal, MAX_HEARTBEAT_BYTES};
+    use crate::nodes::Refusal;
+    use crate::validate::MAX_HEARTBEAT_BYTES;
     let addr = peer(&req);
     let body = match axum::body::to_bytes(req.into_body(), MAX_HEARTBEAT_BYTES).await {
         Ok(b) => b,
@@ -271,11 +272,11 @@ fn classified_nodes(st: &AppState) -> Vec<fleet_common::wire::NodeView> {
     st.nodes.list(current, std::time::Instant::now())
 }
 
-/// Every node, or with any query parameter of [`crate::nodes::Filter`] the matching ones; the
+/// Every node, or with any query parameter of [`crate::overview::Filter`] the matching ones; the
 /// `x-total-count` header says how many matched before `offset` and `limit`.
 async fn api_nodes(
     State(st): State<Shared>,
-    q: Result<Query<crate::nodes::Filter>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<crate::overview::Filter>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(filter)) = q else {
         return error(
