@@ -19,6 +19,7 @@ pub const MAX_ERROR: usize = 1024;
 pub const MAX_WORKERS: usize = 192;
 /// Longest `last_exit` of a worker (`exit 3`, `signal 9`).
 pub const MAX_EXIT: usize = 32;
+
 /// Checks every field of a heartbeat; the error is one line naming the field.
 pub fn validate(hb: &Heartbeat) -> Result<(), String> {
     let id = &hb.node_id;
