@@ -151,11 +151,58 @@ pub struct Heartbeat {
     pub seen_sequence: Option<u64>,
 }
 
+/// Where a node stands with the current publication, as the controller classifies it
+/// (docs/protocol.md, "Node standing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// Runs the current bundle (or nothing is published yet).
+    Current,
+    /// Runs another bundle (or none) and reports no trouble with the current one yet.
+    Lagging,
+    /// Fetching the current (or a newer) publication failed for a transient reason; it retries.
+    Retrying,
+    /// Refused the current (or a newer) publication: verification failed, or its workers
+    /// crash-looped. It stays where it is until something newer is published.
+    Refused,
+    /// No heartbeat for a while: what it last said may no longer hold.
+    Silent,
+}
+
+impl Standing {
+    pub const ALL: [Standing; 5] = [
+        Standing::Current,
+        Standing::Lagging,
+        Standing::Retrying,
+        Standing::Refused,
+        Standing::Silent,
+    ];
+
+    /// The wire name (`current`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::Current => "current",
+            Standing::Lagging => "lagging",
+            Standing::Retrying => "retrying",
+            Standing::Refused => "refused",
+            Standing::Silent => "silent",
+        }
+    }
+}
+
+impl std::fmt::Display for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A node as the controller knows it (`GET /api/nodes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
     #[serde(flatten)]
     pub heartbeat: Heartbeat,
+    /// Where it stands with the current publication.
+    pub standing: Standing,
     /// Seconds since the last heartbeat.
     pub heartbeat_age_s: f64,
     /// The peer address the last heartbeat came from.

@@ -186,6 +186,23 @@ pub struct ControllerConfig {
     /// (`listener::connection_cap`). A value can only lower the derived cap.
     #[serde(default)]
     pub max_connections: usize,
+    /// Most nodes the controller keeps a heartbeat of; a new node beyond it is answered 503.
+    #[serde(default = "default_max_nodes_tracked")]
+    pub max_nodes_tracked: usize,
+    /// A node silent this long is forgotten, unless the backend still listed it the last time
+    /// `fleet scale` or `fleet status` looked.
+    #[serde(default = "default_forget_silent_after_s")]
+    pub forget_silent_after_s: u64,
+}
+
+impl ControllerConfig {
+    /// The node table's bounds.
+    pub fn node_limits(&self) -> crate::nodes::Limits {
+        crate::nodes::Limits {
+            max_nodes: self.max_nodes_tracked.max(1),
+            forget_silent_after: std::time::Duration::from_secs(self.forget_silent_after_s),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -267,6 +284,12 @@ fn default_fail_burst() -> f64 {
 }
 fn default_fail_refill() -> f64 {
     crate::auth::FAIL_REFILL_PER_S
+}
+fn default_max_nodes_tracked() -> usize {
+    crate::nodes::DEFAULT_MAX_NODES
+}
+fn default_forget_silent_after_s() -> u64 {
+    crate::nodes::DEFAULT_FORGET_SILENT_AFTER.as_secs()
 }
 fn default_locust() -> String {
     "locust".into()
@@ -408,6 +431,7 @@ mod tests {
         assert_eq!(c.master.port, 5557);
         assert!(c.master.managed);
         assert_eq!(c.local.workers, 1);
+        assert_eq!(c.controller.node_limits(), crate::nodes::Limits::default());
         let bad = format!("{t}[master]\nprot = 1\n");
         assert!(toml::from_str::<FleetConfig>(&bad).is_err());
         assert!(c.controller.trusted_proxies.is_empty());

@@ -1,15 +1,18 @@
 //! `GET /api/events`: the dashboard's live feed, a Server-Sent Events stream (docs/protocol.md).
 //!
-//! Each event is one `snapshot` of everything the dashboard shows: the spec, the nodes and
-//! which of them lag behind the current bundle, the master, and Locust's live totals. The
-//! first one is sent at once; after that the state is checked every [`CHECK_EVERY`] and a new
-//! snapshot goes out only when something changed ([`Snapshot::key`]: heartbeat ages, agent
-//! uptimes and heartbeat source ports alone do not count, they change with every heartbeat;
-//! the page ages its rows itself). A comment line keeps an idle stream open every
-//! [`KEEP_ALIVE_EVERY`].
+//! The stream carries what the dashboard shows above its node table, in four parts, each its
+//! own event sent only when it changed: `spec` (the publication and its history), `nodes` (the
+//! node table in counts: by standing, by status, by running bundle, and a version), `master`,
+//! and `locust` (the live totals). The first chunk holds all four; after that the state is
+//! checked every [`CHECK_EVERY`] and only the parts whose JSON differs from what this stream
+//! last sent go out ([`Sent::diff`]). Node rows never travel on the stream: with 1000 nodes a
+//! full table each second is ~0.5 MB per open dashboard. The page fetches the one page of rows
+//! it shows (`GET /api/nodes?standing=...&limit=50`) when the `nodes` part says they changed.
+//! Heartbeat ages, uptimes and source ports move with every heartbeat and change no part. A
+//! comment line keeps an idle stream open every [`KEEP_ALIVE_EVERY`].
 //!
 //! The body is written by hand (the workspace builds axum without a `Stream` crate): a
-//! `hyper::body::Body` that builds a snapshot when the connection asks for more data and a tick
+//! `hyper::body::Body` that builds the parts when the connection asks for more data and a tick
 //! has passed. Nothing runs outside that poll, no task is spawned per client and no lock is held
 //! across an await, so the stream ends with the connection: hyper drops the body when the
 //! client goes away (it notices EOF mid-response, or the next write fails).
@@ -26,16 +29,20 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use fleet_common::wire::{MasterView, NodeView, SpecView};
+use fleet_common::wire::{MasterView, SpecView};
 use hyper::body::Frame;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::master::Stats;
+use crate::overview::NodeSummary;
 use crate::server::{AppState, Shared};
+use crate::standing::Current;
 
 /// The route.
 pub const ROUTE: &str = "/api/events";
+/// The node summary alone, for clients that poll.
+pub const SUMMARY_ROUTE: &str = "/api/summary";
 /// How often a stream checks whether anything changed.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest silence on a stream: a comment line goes out after it.
@@ -75,103 +82,105 @@ fn finite(x: f64) -> f64 {
     }
 }
 
-/// One `snapshot` event: everything the dashboard shows.
+/// Everything the dashboard shows, in the parts the stream sends separately.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
-    /// The fleet's name.
-    pub fleet: String,
+pub struct Parts {
     /// As `GET /api/spec`.
     pub spec: SpecView,
-    /// As `GET /api/nodes`.
-    pub nodes: Vec<NodeView>,
-    /// Ids of the nodes whose running bundle is not the current one (in `nodes` order).
-    pub lagging: Vec<String>,
+    /// The node table in counts, as `GET /api/summary`.
+    pub nodes: NodeSummary,
     /// As `GET /api/master`.
     pub master: MasterView,
     /// Locust's live totals; null before the first poll and while a managed master is down.
     pub locust: Option<LocustView>,
 }
 
-/// Ids of the nodes that do not run `current` (a node running nothing lags too). With nothing
-/// published there is nothing to lag behind.
-pub fn lagging(current: Option<&str>, nodes: &[NodeView]) -> Vec<String> {
-    let Some(cur) = current else {
-        return Vec::new();
-    };
-    nodes
-        .iter()
-        .filter(|n| n.heartbeat.running.as_ref().map(|r| r.sha256.as_str()) != Some(cur))
-        .map(|n| n.heartbeat.node_id.clone())
-        .collect()
-}
-
-/// A snapshot from its parts.
+/// The parts from their sources.
 pub fn build(
-    fleet: &str,
     spec: SpecView,
-    nodes: Vec<NodeView>,
+    nodes: NodeSummary,
     master: MasterView,
     stats: Option<&Stats>,
-) -> Snapshot {
-    let lagging = lagging(spec.current.as_ref().map(|c| c.sha256.as_str()), &nodes);
+) -> Parts {
     // A managed master that does not run has no live numbers: the last ones polled are stale.
     let locust = stats
         .filter(|_| !master.managed || master.pid.is_some())
         .map(LocustView::from);
-    Snapshot {
-        fleet: fleet.to_string(),
+    Parts {
         spec,
         nodes,
-        lagging,
         master,
         locust,
     }
 }
 
-/// The controller's state now. Each part is read under its own lock, one after the other.
-pub fn snapshot(st: &AppState) -> Snapshot {
+/// The node table in counts, classified against the current publication.
+pub fn node_summary(st: &AppState) -> NodeSummary {
     let spec = st.publisher.view();
-    let nodes = st.nodes.list();
+    summary_for(st, &spec)
+}
+
+fn summary_for(st: &AppState, spec: &SpecView) -> NodeSummary {
+    let current = spec.current.as_ref().map(Current::from);
+    st.nodes.summary(current, std::time::Instant::now())
+}
+
+/// The controller's state now. Each part is read under its own lock, one after the other.
+pub fn parts(st: &AppState) -> Parts {
+    let spec = st.publisher.view();
+    let nodes = summary_for(st, &spec);
     let master = st.master.view();
     let stats = st.master.stats();
-    build(&st.name, spec, nodes, master, stats.as_ref())
+    build(spec, nodes, master, stats.as_ref())
 }
 
-impl Snapshot {
-    /// This snapshot without what changes with every heartbeat while nothing happens: the
-    /// heartbeat age, the agent's uptime, and the source port of the heartbeat's connection
-    /// (a new one each time). Two snapshots with equal keys show the same state.
-    pub fn key(&self) -> Snapshot {
-        let mut k = self.clone();
-        for n in &mut k.nodes {
-            n.heartbeat_age_s = 0.0;
-            n.heartbeat.uptime_s = 0;
-            if let Ok(a) = n.addr.parse::<std::net::SocketAddr>() {
-                n.addr = a.ip().to_string();
+/// What one stream has sent: the JSON of each part as last sent. Node rows are not part of
+/// the stream; the page fetches the page of rows it shows from `GET /api/nodes` when the
+/// `nodes` summary says they changed (its `version` or counts).
+#[derive(Debug, Default)]
+pub struct Sent {
+    spec: Option<String>,
+    nodes: Option<String>,
+    master: Option<String>,
+    locust: Option<String>,
+}
+
+impl Sent {
+    /// The events for the parts that changed since the last call (every part the first time),
+    /// in the order `spec`, `nodes`, `master`, `locust`; empty when nothing changed. Each event
+    /// is its name and the part's JSON on one `data:` line (serde_json writes no raw newline).
+    pub fn diff(&mut self, p: &Parts) -> String {
+        let mut out = String::new();
+        for (name, slot, data) in [
+            ("spec", &mut self.spec, json(&p.spec)),
+            ("nodes", &mut self.nodes, json(&p.nodes)),
+            ("master", &mut self.master, json(&p.master)),
+            ("locust", &mut self.locust, json(&p.locust)),
+        ] {
+            if slot.as_deref() != Some(data.as_str()) {
+                out.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+                *slot = Some(data);
             }
         }
-        k
-    }
-
-    /// The SSE event: `event: snapshot` and the JSON on one `data:` line (serde_json writes
-    /// no raw newline).
-    pub fn to_event(&self) -> String {
-        let json = serde_json::to_string(self).expect("a snapshot serialises");
-        format!("event: snapshot\ndata: {json}\n\n")
+        out
     }
 }
 
-/// The event stream as a response body: snapshots from `source` when they change.
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("a dashboard part serialises")
+}
+
+/// The event stream as a response body: the parts from `source` that changed.
 pub struct EventStream<F> {
     source: F,
     tick: Interval,
     keep_alive_every: Duration,
-    /// The key of the last snapshot sent; `None` before the first.
-    last: Option<Snapshot>,
+    sent: Sent,
+    first: bool,
     last_sent: Instant,
 }
 
-impl<F: FnMut() -> Snapshot> EventStream<F> {
+impl<F: FnMut() -> Parts> EventStream<F> {
     /// A stream with the standard timing. Needs a Tokio runtime.
     pub fn new(source: F) -> EventStream<F> {
         EventStream::with_timing(source, CHECK_EVERY, KEEP_ALIVE_EVERY)
@@ -185,25 +194,21 @@ impl<F: FnMut() -> Snapshot> EventStream<F> {
             source,
             tick,
             keep_alive_every,
-            last: None,
+            sent: Sent::default(),
+            first: true,
             last_sent: Instant::now(),
         }
     }
 
     /// The next chunk to send, if one is due now (called once per tick).
     fn next_chunk(&mut self) -> Option<Bytes> {
-        let snap = (self.source)();
-        let key = snap.key();
-        if self.last.as_ref() != Some(&key) {
-            let first = self.last.is_none();
-            self.last = Some(key);
+        let events = self.sent.diff(&(self.source)());
+        if !events.is_empty() {
             self.last_sent = Instant::now();
-            let event = snap.to_event();
-            return Some(Bytes::from(if first {
-                format!("retry: {RETRY_MS}\n{event}")
-            } else {
-                event
-            }));
+            if std::mem::take(&mut self.first) {
+                return Some(Bytes::from(format!("retry: {RETRY_MS}\n{events}")));
+            }
+            return Some(Bytes::from(events));
         }
         if self.last_sent.elapsed() >= self.keep_alive_every {
             self.last_sent = Instant::now();
@@ -213,7 +218,7 @@ impl<F: FnMut() -> Snapshot> EventStream<F> {
     }
 }
 
-impl<F: FnMut() -> Snapshot + Unpin> hyper::body::Body for EventStream<F> {
+impl<F: FnMut() -> Parts + Unpin> hyper::body::Body for EventStream<F> {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -237,7 +242,7 @@ impl<F: FnMut() -> Snapshot + Unpin> hyper::body::Body for EventStream<F> {
 
 /// The `GET /api/events` answer for the controller's state.
 pub fn response(st: Shared) -> Response {
-    let body = EventStream::new(move || snapshot(&st));
+    let body = EventStream::new(move || parts(&st));
     (
         [
             (
@@ -259,15 +264,21 @@ pub fn response(st: Shared) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use fleet_common::bundle::{pack_dir, Limits};
     use fleet_common::manifest::{MasterAddr, SigningKey};
     use fleet_common::wire::{
-        Heartbeat, NodeStatus, Running, SpecVersion, WorkerReport, WorkerState,
+        Heartbeat, NodeStatus, Running, SpecVersion, Standing, WorkerReport, WorkerState,
     };
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::overview::BundleCount;
+
+    const ONE: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const TWO: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
     fn version(seq: u64, sha: &str) -> SpecVersion {
         SpecVersion {
@@ -283,7 +294,7 @@ mod tests {
         let cur = current.map(|s| version(2, s));
         SpecView {
             current: cur.clone(),
-            history: cur.into_iter().chain([version(1, "old")]).collect(),
+            history: cur.into_iter().chain([version(1, ONE)]).collect(),
             last_error: None,
         }
     }
@@ -316,11 +327,21 @@ mod tests {
         }
     }
 
-    fn node(id: &str, running: Option<&str>) -> NodeView {
-        NodeView {
-            heartbeat: heartbeat(id, running),
-            heartbeat_age_s: 0.5,
-            addr: "127.0.0.1:5000".into(),
+    /// A summary of `n` nodes, all current on `sha`.
+    fn summary(n: usize, sha: &str, version: u64) -> NodeSummary {
+        let mut standing: BTreeMap<Standing, usize> =
+            Standing::ALL.iter().map(|s| (*s, 0)).collect();
+        standing.insert(Standing::Current, n);
+        NodeSummary {
+            total: n,
+            standing,
+            status: [(NodeStatus::Running, n)].into(),
+            bundles: vec![BundleCount {
+                sha256: Some(sha.into()),
+                nodes: n,
+            }],
+            other_bundles: 0,
+            version,
         }
     }
 
@@ -346,100 +367,130 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lagging_nodes_are_those_not_running_the_current_bundle() {
-        let nodes = vec![
-            node("a", Some("new")),
-            node("b", Some("old")),
-            node("c", None),
-            node("d", Some("new")),
-        ];
-        assert_eq!(lagging(Some("new"), &nodes), vec!["b", "c"]);
-        assert_eq!(lagging(Some("old"), &nodes), vec!["a", "c", "d"]);
-        assert!(
-            lagging(None, &nodes).is_empty(),
-            "nothing published: nothing to lag behind"
-        );
-        assert!(lagging(Some("new"), &[]).is_empty());
+    /// The events of a chunk: (name, JSON).
+    fn events(chunk: &str) -> Vec<(String, serde_json::Value)> {
+        chunk
+            .split("\n\n")
+            .filter(|b| b.contains("data: "))
+            .map(|b| {
+                let name = b
+                    .lines()
+                    .find_map(|l| l.strip_prefix("event: "))
+                    .expect("a named event");
+                let data = b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                (name.to_string(), serde_json::from_str(data).unwrap())
+            })
+            .collect()
+    }
+
+    fn names(chunk: &str) -> Vec<String> {
+        events(chunk).into_iter().map(|e| e.0).collect()
     }
 
     #[test]
-    fn build_fills_lagging_and_locust() {
-        let s = build(
-            "f",
-            spec(Some("new")),
-            vec![node("a", Some("new")), node("b", Some("old"))],
+    fn build_keeps_locust_numbers_only_while_they_are_live() {
+        let p = build(
+            spec(Some(TWO)),
+            summary(2, TWO, 1),
             master(true, Some(9)),
             Some(&stats()),
         );
-        assert_eq!(s.fleet, "f");
-        assert_eq!(s.lagging, vec!["b"]);
-        assert_eq!(s.nodes.len(), 2);
-        let l = s.locust.as_ref().unwrap();
+        let l = p.locust.as_ref().unwrap();
         assert_eq!(
             (l.state.as_str(), l.user_count, l.worker_count),
             ("running", 10, 3)
         );
         assert_eq!((l.total_rps, l.fail_ratio), (41.5, 0.25));
-
-        // The wire shape the dashboard reads.
-        let v: serde_json::Value = serde_json::from_str(
-            s.to_event()
-                .strip_prefix("event: snapshot\ndata: ")
-                .unwrap()
-                .strip_suffix("\n\n")
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(v["spec"]["current"]["sha256"], "new");
-        assert_eq!(v["spec"]["history"][1]["sha256"], "old");
-        assert_eq!(v["nodes"][1]["node_id"], "b");
-        assert_eq!(v["nodes"][1]["running"]["sha256"], "old");
-        assert_eq!(v["lagging"], serde_json::json!(["b"]));
-        assert_eq!(v["master"]["epoch"], 1);
-        assert_eq!(v["locust"]["total_rps"], 41.5);
-        assert_eq!(v["locust"]["fail_ratio"], 0.25);
-
         // A managed master that is down: its last numbers are not live.
-        let down = build("f", spec(None), vec![], master(true, None), Some(&stats()));
+        let down = build(
+            spec(None),
+            summary(0, TWO, 0),
+            master(true, None),
+            Some(&stats()),
+        );
         assert!(down.locust.is_none());
-        assert!(down.lagging.is_empty());
         // An external master is not supervised: its numbers are all there is.
-        let ext = build("f", spec(None), vec![], master(false, None), Some(&stats()));
+        let ext = build(
+            spec(None),
+            summary(0, TWO, 0),
+            master(false, None),
+            Some(&stats()),
+        );
         assert!(ext.locust.is_some());
-        assert!(build("f", spec(None), vec![], master(false, None), None)
-            .locust
-            .is_none());
         // No NaN on the wire.
         let nan = Stats {
             fail_ratio: f64::NAN,
             ..stats()
         };
-        let s = build("f", spec(None), vec![], master(false, None), Some(&nan));
-        assert_eq!(s.locust.unwrap().fail_ratio, 0.0);
+        let p = build(
+            spec(None),
+            summary(0, TWO, 0),
+            master(false, None),
+            Some(&nan),
+        );
+        assert_eq!(p.locust.unwrap().fail_ratio, 0.0);
     }
 
     #[test]
-    fn ages_and_uptimes_are_not_changes() {
-        let a = build(
-            "f",
-            spec(Some("x")),
-            vec![node("a", Some("x"))],
+    fn diff_sends_every_part_first_then_only_what_changed() {
+        let mut sent = Sent::default();
+        let mut p = build(
+            spec(Some(TWO)),
+            summary(2, TWO, 1),
             master(false, None),
-            None,
+            Some(&stats()),
         );
-        let mut b = a.clone();
-        b.nodes[0].heartbeat_age_s = 12.0;
-        b.nodes[0].heartbeat.uptime_s = 99;
-        b.nodes[0].addr = "127.0.0.1:5001".into();
-        assert_ne!(a, b);
-        assert_eq!(a.key(), b.key());
-        b.nodes[0].addr = "10.0.0.7:5001".into();
-        assert_ne!(a.key(), b.key(), "another address is news");
-        b.nodes[0].addr = a.nodes[0].addr.clone();
-        assert_eq!(a.key(), b.key());
-        b.nodes[0].heartbeat.status = NodeStatus::RolledBack;
-        assert_ne!(a.key(), b.key());
+        let first = sent.diff(&p);
+        assert_eq!(names(&first), ["spec", "nodes", "master", "locust"]);
+        // The wire shape the dashboard reads.
+        let ev: BTreeMap<String, serde_json::Value> = events(&first).into_iter().collect();
+        assert_eq!(ev["spec"]["current"]["sha256"], TWO);
+        assert_eq!(ev["spec"]["history"][1]["sha256"], ONE);
+        assert_eq!(ev["nodes"]["total"], 2);
+        assert_eq!(ev["nodes"]["standing"]["current"], 2);
+        assert_eq!(ev["nodes"]["standing"]["refused"], 0);
+        assert_eq!(ev["nodes"]["status"]["running"], 2);
+        assert_eq!(ev["nodes"]["bundles"][0]["sha256"], TWO);
+        assert_eq!(ev["nodes"]["version"], 1);
+        assert_eq!(ev["master"]["epoch"], 1);
+        assert_eq!(ev["locust"]["total_rps"], 41.5);
+
+        // Nothing changed: nothing to send.
+        assert_eq!(sent.diff(&p), "");
+        // Locust's totals move every second under load: only they go out.
+        p.locust.as_mut().unwrap().total_rps = 50.0;
+        let only = sent.diff(&p);
+        assert_eq!(names(&only), ["locust"]);
+        assert!(only.len() < 200, "{only}");
+        // A node row changed: the (small) summary goes out, no row.
+        p.nodes.version = 2;
+        assert_eq!(names(&sent.diff(&p)), ["nodes"]);
+        p.spec = spec(Some(ONE));
+        p.master.epoch = 2;
+        assert_eq!(names(&sent.diff(&p)), ["spec", "master"]);
+        p.locust = None;
+        let gone = sent.diff(&p);
+        assert_eq!(gone, "event: locust\ndata: null\n\n");
+    }
+
+    #[test]
+    fn a_summary_of_a_thousand_nodes_stays_small() {
+        let nodes = crate::nodes::Nodes::default();
+        let t = std::time::Instant::now();
+        let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for i in 0..1000 {
+            let sha = if i % 3 == 0 { ONE } else { TWO };
+            nodes
+                .update(heartbeat(&format!("node-{i:04}"), Some(sha)), addr, t)
+                .unwrap();
+        }
+        let cur = version(2, TWO);
+        let s = nodes.summary(Some(Current::from(&cur)), t);
+        assert_eq!(s.total, 1000);
+        assert_eq!(s.standing[&Standing::Current], 666);
+        assert_eq!(s.standing[&Standing::Lagging], 334);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.len() < 600, "{} bytes: {json}", json.len());
     }
 
     /// Reads the next data frame of `body` as text, or panics after `within`.
@@ -458,9 +509,8 @@ mod tests {
     #[tokio::test]
     async fn stream_sends_at_once_then_changes_and_keep_alives() {
         let state = Arc::new(std::sync::Mutex::new(build(
-            "f",
-            spec(Some("one")),
-            vec![node("a", Some("one"))],
+            spec(Some(ONE)),
+            summary(1, ONE, 1),
             master(false, None),
             None,
         )));
@@ -474,15 +524,12 @@ mod tests {
         let first = next(&mut body, Duration::from_millis(200)).await;
         assert!(t.elapsed() < Duration::from_millis(100), "sent at once");
         assert!(
-            first.starts_with("retry: 2000\nevent: snapshot\ndata: {"),
+            first.starts_with("retry: 2000\nevent: spec\ndata: {"),
             "{first}"
         );
-        assert!(first.ends_with("}\n\n"));
-        assert!(first.contains("\"sha256\":\"one\""));
+        assert_eq!(names(&first), ["spec", "nodes", "master", "locust"]);
 
-        // Only time passes: the next frame is a keep-alive comment, not a snapshot.
-        state.lock().unwrap().nodes[0].heartbeat_age_s = 3.0;
-        state.lock().unwrap().nodes[0].heartbeat.uptime_s = 100;
+        // Only time passes: the next frame is a keep-alive comment.
         let t = std::time::Instant::now();
         let ka = next(&mut body, Duration::from_secs(2)).await;
         assert_eq!(ka, ": keep-alive\n\n");
@@ -492,27 +539,13 @@ mod tests {
             t.elapsed()
         );
 
-        // A change goes out within a tick or two.
-        {
-            let mut s = state.lock().unwrap();
-            *s = build(
-                "f",
-                spec(Some("two")),
-                vec![node("a", Some("one"))],
-                master(false, None),
-                None,
-            );
-        }
+        // A change goes out within a tick or two, and only the part that changed.
+        state.lock().unwrap().spec = spec(Some(TWO));
         let ev = next(&mut body, Duration::from_millis(200)).await;
-        assert!(ev.starts_with("event: snapshot\ndata: {"), "{ev}");
-        let snap: Snapshot = serde_json::from_str(
-            ev.strip_prefix("event: snapshot\ndata: ")
-                .unwrap()
-                .trim_end(),
-        )
-        .unwrap();
-        assert_eq!(snap.spec.current.unwrap().sha256, "two");
-        assert_eq!(snap.lagging, vec!["a"]);
+        let ev = events(&ev);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, "spec");
+        assert_eq!(ev[0].1["current"]["sha256"], TWO);
     }
 
     /// The stream over a real HTTP/1.1 connection: the body (and with it everything the
@@ -531,7 +564,7 @@ mod tests {
                 let body = EventStream::with_timing(
                     move || {
                         let _ = &guard;
-                        build("f", spec(None), vec![], master(false, None), None)
+                        build(spec(None), summary(0, ONE, 0), master(false, None), None)
                     },
                     Duration::from_millis(20),
                     Duration::from_secs(15),
@@ -548,7 +581,7 @@ mod tests {
             .unwrap();
         let mut buf = vec![0u8; 4096];
         let mut got = String::new();
-        while !got.contains("event: snapshot") {
+        while !got.contains("event: spec") {
             let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
                 .await
                 .unwrap()
@@ -603,7 +636,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn snapshot_of_the_app_state() {
+    async fn parts_of_the_app_state() {
         let web_url = fake_locust(
             r#"{"state":"running","user_count":4,"worker_count":2,"total_rps":12.5,"fail_ratio":0.5,"stats":[]}"#,
         )
@@ -651,32 +684,35 @@ mod tests {
             name: "snap".into(),
         };
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-        assert!(st.nodes.update(heartbeat("n2", Some(&one.sha256)), addr));
-        assert!(st.nodes.update(heartbeat("n1", Some(&two.sha256)), addr));
-        assert!(st.nodes.update(heartbeat("n3", None), addr));
+        let now = std::time::Instant::now();
+        for (id, running) in [
+            ("n2", Some(&one.sha256)),
+            ("n1", Some(&two.sha256)),
+            ("n3", None),
+        ] {
+            st.nodes
+                .update(heartbeat(id, running.map(|s| s.as_str())), addr, now)
+                .unwrap();
+        }
 
-        let s = snapshot(&st);
-        assert_eq!(s.fleet, "snap");
-        let cur = s.spec.current.as_ref().unwrap();
+        let p = parts(&st);
+        let cur = p.spec.current.as_ref().unwrap();
         assert_eq!(
             (cur.sequence, cur.sha256.as_str()),
             (2, two.sha256.as_str())
         );
-        let hist: Vec<u64> = s.spec.history.iter().map(|v| v.sequence).collect();
+        let hist: Vec<u64> = p.spec.history.iter().map(|v| v.sequence).collect();
         assert_eq!(hist, vec![2, 1], "newest first");
-        let ids: Vec<&str> = s
-            .nodes
-            .iter()
-            .map(|n| n.heartbeat.node_id.as_str())
-            .collect();
-        assert_eq!(ids, vec!["n1", "n2", "n3"]);
-        assert_eq!(s.lagging, vec!["n2", "n3"]);
-        assert!(!s.master.managed);
+        assert_eq!(p.nodes.total, 3);
+        assert_eq!(p.nodes.standing[&Standing::Current], 1);
+        assert_eq!(p.nodes.standing[&Standing::Lagging], 2);
+        assert_eq!(p.nodes, node_summary(&st));
+        assert!(!p.master.managed);
 
         // Locust's totals arrive with the swarm keeper's next poll (once a second).
         let t = std::time::Instant::now();
         let locust = loop {
-            if let Some(l) = snapshot(&st).locust {
+            if let Some(l) = parts(&st).locust {
                 break l;
             }
             assert!(t.elapsed() < Duration::from_secs(10), "no Locust stats");
@@ -693,8 +729,8 @@ mod tests {
             }
         );
 
-        // No secret of the state in the event.
-        let ev = snapshot(&st).to_event();
+        // No secret of the state in the events.
+        let ev = Sent::default().diff(&parts(&st));
         for secret in ["agent-tok", "operator-tok", "pbkdf2"] {
             assert!(!ev.contains(secret), "{secret} in {ev}");
         }

@@ -16,6 +16,7 @@ pub mod master;
 pub mod nginx;
 pub mod nodes;
 pub mod ops;
+pub mod overview;
 pub mod procfs;
 pub mod proxy;
 pub mod publish;
@@ -23,8 +24,10 @@ pub mod run;
 pub mod secrets;
 pub mod serve;
 pub mod server;
+pub mod standing;
 pub mod target;
 pub mod userdata;
+pub mod validate;
 
 /// One timestamped line on stderr: the controller's log.
 pub fn log(args: std::fmt::Arguments<'_>) {

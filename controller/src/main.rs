@@ -379,6 +379,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status { backend: b } => {
             let fleet = Fleet::load(&cli.dir)?;
             let observed = backend(&fleet, b).await?.observe().await?;
+            ops::report_listed(&fleet, &observed).await;
             let views = ops::controller_nodes(&fleet).await?;
             let rows = ops::join_status(&observed, &views);
             if output == Output::Json {

@@ -106,7 +106,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let master = Master::start(cfg.master.clone(), &cfg.controller.locustfile, &state_dir);
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
-        nodes: Arc::new(Nodes::default()),
+        nodes: Arc::new(Nodes::new(cfg.controller.node_limits())),
         master: master.clone(),
         auth: Arc::new(auth),
         name: cfg.name.clone(),

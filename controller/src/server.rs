@@ -54,7 +54,8 @@ pub fn app(state: Shared) -> Router {
         .route_layer(from_fn_with_state((state.clone(), Role::Agent), require));
     let human = Router::new()
         .route("/", get(dashboard))
-        .route(routes::API_NODES, get(api_nodes))
+        .route(routes::API_NODES, get(api_nodes).put(api_listed))
+        .route(crate::events::SUMMARY_ROUTE, get(api_summary))
         .route(
             &format!("{}/{{id}}", routes::API_NODES),
             axum::routing::delete(forget_node),
@@ -252,27 +253,39 @@ async fn bundle(State(st): State<Shared>, Path(sha): Path<String>) -> Response {
 }
 
 async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
+    use crate::nodes::Refusal;
+    use crate::validate::MAX_HEARTBEAT_BYTES;
     let addr = peer(&req);
-    let body = match axum::body::to_bytes(req.into_body(), 256 << 10).await {
+    let body = match axum::body::to_bytes(req.into_body(), MAX_HEARTBEAT_BYTES).await {
         Ok(b) => b,
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "heartbeat over 256 KiB"),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("heartbeat over {} KiB", MAX_HEARTBEAT_BYTES >> 10),
+            )
+        }
     };
     let hb: Heartbeat = match serde_json::from_slice(&body) {
         Ok(h) => h,
+        // serde_json's message is one line and quotes no more than the offending token.
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad heartbeat: {e}")),
     };
     let current = st.publisher.current();
     let past = crate::publish::count_past(&hb, current.as_ref().map(|p| &p.manifest));
-    if st.nodes.update(hb, addr) {
-        if let Some(seen) = past {
-            learn(&st.publisher, seen);
+    match st.nodes.update(hb, addr, std::time::Instant::now()) {
+        Ok(()) => {
+            if let Some(seen) = past {
+                learn(&st.publisher, seen);
+            }
+            StatusCode::OK.into_response()
         }
-        StatusCode::OK.into_response()
-    } else {
-        error(
-            StatusCode::BAD_REQUEST,
-            "node id unusable or node table full",
-        )
+        Err(r @ Refusal::Invalid(_)) => error(StatusCode::BAD_REQUEST, r),
+        Err(r @ Refusal::Full(_)) => {
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, r);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            resp
+        }
     }
 }
 
@@ -290,8 +303,46 @@ fn learn(publisher: &Publisher, seen: u64) {
     }
 }
 
-async fn api_nodes(State(st): State<Shared>) -> Response {
-    Json(st.nodes.list()).into_response()
+/// The current publication, as nodes are classified against it.
+fn classified_nodes(st: &AppState) -> Vec<fleet_common::wire::NodeView> {
+    let spec = st.publisher.view();
+    let current = spec.current.as_ref().map(crate::standing::Current::from);
+    st.nodes.list(current, std::time::Instant::now())
+}
+
+/// Every node, or with any query parameter of [`crate::overview::Filter`] the matching ones; the
+/// `x-total-count` header says how many matched before `offset` and `limit`.
+async fn api_nodes(
+    State(st): State<Shared>,
+    q: Result<Query<crate::overview::Filter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(filter)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad query: use standing, status, bundle, q, offset, limit",
+        );
+    };
+    let (total, rows) = filter.apply(classified_nodes(&st));
+    let mut resp = Json(rows).into_response();
+    resp.headers_mut()
+        .insert("x-total-count", HeaderValue::from(total));
+    resp
+}
+
+/// The node table in counts (the dashboard's summary, for clients that poll).
+async fn api_summary(State(st): State<Shared>) -> Response {
+    Json(crate::events::node_summary(&st)).into_response()
+}
+
+/// The backend's live node ids, from `fleet scale` and `fleet status`: silent nodes among them
+/// are kept rather than forgotten (nodes.rs).
+async fn api_listed(State(st): State<Shared>, body: axum::body::Bytes) -> Response {
+    let listing: crate::nodes::Listing = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad node listing: {e}")),
+    };
+    st.nodes.set_listed(listing.listed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Forgets a node the backend terminated, so it stops showing as silent.

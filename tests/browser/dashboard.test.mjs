@@ -45,7 +45,10 @@ const SHOT = {
   before: path.join(SHOTS, 'dashboard-before.png'),
   after: path.join(SHOTS, 'dashboard-after.png'),
   locust: path.join(SHOTS, 'locust.png'),
+  fleet: path.join(SHOTS, 'dashboard-fleet.png'),
 };
+// Test 5: stub agents (heartbeats posted with the agent token) on top of the real ones.
+const FAKE = { current: 200, lagging: 60, retrying: 25, refused: 15 };
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -403,7 +406,7 @@ const firstNumber = (s) => {
 // ---------------------------------------------------------------------------------------------
 // The tests (run in order, sharing the swarm and the open dashboard page)
 
-describe('fleet web UI in Chromium', { timeout: 170_000 }, () => {
+describe('fleet web UI in Chromium', { timeout: 240_000 }, () => {
   before(guarded(startSwarm), { timeout: 120_000 });
   after(cleanup, { timeout: 60_000 });
 
@@ -528,7 +531,7 @@ describe('fleet web UI in Chromium', { timeout: 170_000 }, () => {
     });
     S.editedPath = '/beta';
     try {
-      assert.ok(page && S.dashReady, 'the dashboard never rendered its first snapshot (test 2)');
+      assert.ok(page && S.dashReady, 'the dashboard never rendered its first event chunk (test 2)');
       await page.waitForFunction((sha) => document.querySelector('#spec-sha')?.dataset.sha === sha,
         fresh.sha256, { timeout: 15_000 }).catch(async (e) => {
         throw new Error(`#spec-sha did not change to ${fresh.sha256}: ${e.message}\npage: ${JSON.stringify(await page.evaluate(readDash))}`);
@@ -618,7 +621,121 @@ describe('fleet web UI in Chromium', { timeout: 170_000 }, () => {
     }
   }));
 
-  test('5. screenshots of every page are saved', guarded(async () => {
+  test(`5. with ${Object.values(FAKE).reduce((a, b) => a + b)} stub agents the summary counts them and a filter narrows the table`, { timeout: 60_000 }, guarded(async () => {
+    const spec = (await api('/api/spec')).json;
+    const cur = spec.current;
+    const old = spec.history.find((v) => v.sha256 !== cur.sha256);
+    assert.ok(old, 'test 3 left an older version in the history');
+    const agentToken = fs.readFileSync(path.join(S.dir, 'secrets/agent.token'), 'utf8').trim();
+    const keepAlive = new https.Agent({ keepAlive: true, maxSockets: 4, ca: S.ca });
+    const post = (hb) => new Promise((resolve, reject) => {
+      const body = JSON.stringify(hb);
+      const req = https.request(`${S.url}/v1/heartbeat`, {
+        method: 'POST', agent: keepAlive, timeout: 10_000,
+        headers: { Authorization: `Bearer ${agentToken}`, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) },
+      }, (res) => {
+        res.resume();
+        res.on('end', () => (res.statusCode === 200 ? resolve() : reject(new Error(`heartbeat ${hb.node_id}: HTTP ${res.statusCode}`))));
+      });
+      req.on('timeout', () => req.destroy(new Error('timeout')));
+      req.on('error', reject);
+      req.end(body);
+    });
+    const fakes = [];
+    for (const [standing, n] of Object.entries(FAKE)) {
+      for (let i = 0; i < n; i++) {
+        const onCurrent = standing === 'current';
+        fakes.push({
+          node_id: `stub-${standing}-${String(i).padStart(3, '0')}`,
+          backend: 'local',
+          agent_version: '0.0.0-stub',
+          running: { sha256: onCurrent ? cur.sha256 : old.sha256, sequence: onCurrent ? cur.sequence : old.sequence, master_epoch: 1, since_ms: 1 },
+          last_good: null,
+          workers: [{ index: 0, pid: 1000 + i, state: 'running', restarts: 0, last_exit: null }],
+          status: 'running',
+          last_error: null,
+          rejected: null,
+          uptime_s: 10,
+          update: standing === 'retrying' || standing === 'refused'
+            ? { sequence: cur.sequence, sha256: cur.sha256, state: standing, attempts: 2, error: `${standing}: stub error ${i}` }
+            : null,
+        });
+      }
+    }
+    const beat = async () => {
+      for (let i = 0; i < fakes.length; i += 20) await Promise.all(fakes.slice(i, i + 20).map(post));
+    };
+    await beat();
+    // Keep them from going silent (15 s) while the test runs.
+    let beating = true;
+    const loop = (async () => {
+      while (beating) {
+        await sleep(4_000);
+        if (beating) await beat().catch((e) => console.log(`stub heartbeats: ${e.message}`));
+      }
+    })();
+    const page = S.dash;
+    try {
+      assert.ok(page && S.dashReady, 'the dashboard never rendered (test 2)');
+      const total = fakes.length + NODES;
+      const counts = () => page.evaluate(() => Object.fromEntries(
+        ['node-count', 'count-current', 'lagging-count', 'count-retrying', 'count-refused', 'count-silent']
+          .map((id) => [id, Number(document.getElementById(id).textContent)])));
+      const want = { 'node-count': total, 'count-current': FAKE.current + NODES, 'lagging-count': FAKE.lagging,
+        'count-retrying': FAKE.retrying, 'count-refused': FAKE.refused, 'count-silent': 0 };
+      await waitFor('the summary to count the stub agents', 15_000, async () =>
+        JSON.stringify(await counts()) === JSON.stringify(want)).catch(async (e) => {
+        throw new Error(`${e.message}: ${JSON.stringify(await counts())}`);
+      });
+      // By bundle: the current one and the old one.
+      const bundles = await page.evaluate(() => [...document.querySelectorAll('#bundle-counts li[data-sha]')]
+        .map((li) => [li.dataset.sha, Number(li.dataset.count)]));
+      assert.deepEqual(Object.fromEntries(bundles), {
+        [cur.sha256]: FAKE.current + NODES,
+        [old.sha256]: FAKE.lagging + FAKE.retrying + FAKE.refused,
+      });
+      // The table shows one page, not every node.
+      const rowCount = () => page.locator('#nodes tbody tr[data-node]').count();
+      await waitFor('one page of 50 rows', 10_000, async () => (await rowCount()) === 50);
+      assert.match(await page.locator('#page-info').textContent(), new RegExp(`of ${total}$`));
+
+      // Filter by standing: only the refused stubs, with their reason.
+      await page.selectOption('#f-standing', 'refused');
+      await waitFor('only the refused rows', 10_000, async () => {
+        const rows = await page.evaluate(() => [...document.querySelectorAll('#nodes tbody tr[data-node]')]
+          .map((r) => [r.dataset.node, r.dataset.standing, r.querySelector('td.err').textContent]));
+        return rows.length === FAKE.refused && rows.every(([id, st, err]) => id.startsWith('stub-refused-') &&
+          st === 'refused' && err.startsWith('refused: stub error'));
+      });
+      assert.equal(await page.locator('#page-info').textContent(), `1–${FAKE.refused} of ${FAKE.refused}`);
+      // Text on top of it: one row.
+      await page.fill('#f-text', 'refused-007');
+      await waitFor('one row for refused-007', 10_000, async () => {
+        const ids = await page.evaluate(() => [...document.querySelectorAll('#nodes tbody tr[data-node]')].map((r) => r.dataset.node));
+        return ids.length === 1 && ids[0] === 'stub-refused-007';
+      });
+      // A summary chip filters too: lagging, text cleared.
+      await page.fill('#f-text', '');
+      await page.click('.chip[data-standing="lagging"]');
+      await waitFor('the lagging rows', 10_000, async () => {
+        const rows = await page.evaluate(() => [...document.querySelectorAll('#nodes tbody tr[data-node]')].map((r) => r.dataset.standing));
+        return rows.length === 50 && rows.every((st) => st === 'lagging');
+      });
+      assert.equal(await page.inputValue('#f-standing'), 'lagging');
+      assert.match(await page.locator('#page-info').textContent(), new RegExp(`^1–50 of ${FAKE.lagging}$`));
+      await page.click('#page-next');
+      await waitFor('the second page of lagging rows', 10_000, async () =>
+        (await page.locator('#page-info').textContent()) === `51–${FAKE.lagging} of ${FAKE.lagging}`);
+      await page.waitForTimeout(300);
+    } finally {
+      beating = false;
+      await loop;
+      keepAlive.destroy();
+      if (page) await shot(page, SHOT.fleet);
+    }
+  }));
+
+  test('6. screenshots of every page are saved', guarded(async () => {
     for (const f of Object.values(SHOT)) {
       assert.ok(fs.existsSync(f), `${f} is missing`);
       const head = fs.readFileSync(f).subarray(0, 8);

@@ -1,6 +1,7 @@
-//! The dashboard and its live feed, end to end: `GET /api/events` streams a `snapshot` at once
-//! and again when the fleet changes (a spec edit, agents switching bundles), only to human
-//! credentials; the page itself carries no secret and loads nothing from elsewhere.
+//! The dashboard and its live feed, end to end: `GET /api/events` streams every part at once
+//! and then the parts that change (a spec edit, agents switching bundles), only to human
+//! credentials; `GET /api/nodes` filters and pages the rows; the page itself carries no secret
+//! and loads nothing from elsewhere.
 //!
 //! No Locust: stub workers (`sleep 3600`) and no managed master.
 
@@ -8,59 +9,55 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use fleet_common::wire::{MasterView, NodeView, SpecView};
+use fleet_common::wire::{MasterView, NodeView, SpecView, Standing};
 use fleet_tests::{wait_for, Fleet, Options};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use serde::Deserialize;
 use tokio_rustls::TlsConnector;
 
 const T: Duration = Duration::from_secs(10);
 
-/// The `snapshot` event's JSON.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Snapshot {
-    fleet: String,
-    spec: SpecView,
-    nodes: Vec<NodeView>,
-    lagging: Vec<String>,
-    master: MasterView,
+/// What the stream has said so far: the last value of each part.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    spec: Option<SpecView>,
+    nodes: Option<serde_json::Value>,
+    master: Option<MasterView>,
     locust: Option<serde_json::Value>,
 }
 
-impl Snapshot {
+impl Seen {
     fn current(&self) -> &str {
         self.spec
-            .current
             .as_ref()
+            .and_then(|s| s.current.as_ref())
             .map(|c| c.sha256.as_str())
             .unwrap_or("")
     }
 
-    fn runs(&self, sha: &str) -> bool {
-        self.nodes.iter().all(|n| {
-            n.heartbeat
-                .running
-                .as_ref()
-                .is_some_and(|r| r.sha256 == sha)
+    fn count(&self, standing: &str) -> u64 {
+        self.nodes.as_ref().map_or(0, |n| {
+            n["standing"][standing]
+                .as_u64()
+                .expect("every standing is counted")
         })
     }
 
-    /// `lagging` is exactly the nodes whose running bundle is not the current one.
-    fn check_lagging(&self) {
-        let want: Vec<&str> = self
-            .nodes
-            .iter()
-            .filter(|n| {
-                n.heartbeat.running.as_ref().map(|r| r.sha256.as_str()) != Some(self.current())
-            })
-            .map(|n| n.heartbeat.node_id.as_str())
-            .collect();
-        assert_eq!(self.lagging, want, "lagging disagrees with the nodes");
+    fn total(&self) -> u64 {
+        self.nodes
+            .as_ref()
+            .map_or(0, |n| n["total"].as_u64().unwrap())
+    }
+
+    /// Every node on `sha`, by the summary.
+    fn all_on(&self, sha: &str) -> bool {
+        let n = self.nodes.as_ref().unwrap();
+        n["bundles"].as_array().unwrap().len() == 1
+            && n["bundles"][0]["sha256"] == sha
+            && n["bundles"][0]["nodes"].as_u64() == Some(self.total())
     }
 }
 
@@ -166,44 +163,49 @@ impl Events {
         }
     }
 
-    /// The next `snapshot` event, skipping comments.
-    async fn snapshot(&mut self, within: Duration) -> Snapshot {
+    /// The next named event, applied to `seen`, skipping comments; returns its name.
+    async fn part(&mut self, seen: &mut Seen, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next(left).await {
                 Event::Named { name, data } => {
-                    assert_eq!(name, "snapshot", "only snapshots are sent: {data}");
-                    let s: Snapshot = serde_json::from_str(&data)
-                        .unwrap_or_else(|e| panic!("bad snapshot ({e}): {data}"));
-                    s.check_lagging();
-                    return s;
+                    match name.as_str() {
+                        "spec" => seen.spec = Some(parse(&name, &data)),
+                        "nodes" => seen.nodes = Some(parse(&name, &data)),
+                        "master" => seen.master = Some(parse(&name, &data)),
+                        "locust" => seen.locust = parse(&name, &data),
+                        other => panic!("unknown event {other}: {data}"),
+                    }
+                    return name;
                 }
                 Event::Comment(_) => continue,
             }
         }
     }
 
-    /// Snapshots until one satisfies `ok`.
+    /// Events until what they said satisfies `ok`.
     async fn until(
         &mut self,
+        seen: &mut Seen,
         what: &str,
         within: Duration,
-        ok: impl Fn(&Snapshot) -> bool,
-    ) -> Snapshot {
+        ok: impl Fn(&Seen) -> bool,
+    ) {
         let deadline = Instant::now() + within;
-        loop {
+        while !ok(seen) {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "timed out after {within:?} waiting for {what}"
+                "timed out after {within:?} waiting for {what}; seen {seen:?}"
             );
-            let s = self.snapshot(left).await;
-            if ok(&s) {
-                return s;
-            }
+            self.part(seen, left).await;
         }
     }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(name: &str, data: &str) -> T {
+    serde_json::from_str(data).unwrap_or_else(|e| panic!("bad {name} event ({e}): {data}"))
 }
 
 fn stub_fleet() -> Fleet {
@@ -264,50 +266,63 @@ async fn events_follow_a_spec_edit_to_the_agents() {
     assert_eq!(ev.header(CONTENT_TYPE), "text/event-stream");
     assert_eq!(ev.header(CACHE_CONTROL), "no-store");
 
-    // The first event comes at once: the fleet as it is.
+    // The first chunk comes at once, every part of it: the fleet as it is.
     let t = Instant::now();
-    let first = ev.snapshot(Duration::from_secs(5)).await;
+    let mut seen = Seen::default();
+    let mut first = vec![];
+    for _ in 0..4 {
+        first.push(ev.part(&mut seen, Duration::from_secs(5)).await);
+    }
+    assert_eq!(first, ["spec", "nodes", "master", "locust"]);
     assert!(
         t.elapsed() < Duration::from_millis(1500),
-        "first snapshot took {:?}",
+        "first chunk took {:?}",
         t.elapsed()
     );
-    assert_eq!(first.fleet, "e2e");
-    assert_eq!(first.nodes.len(), 2, "{first:?}");
-    assert_eq!(first.current(), sha1);
-    assert_eq!(first.spec.history.len(), 1);
-    assert!(first.runs(&sha1), "scale waited for both agents to run it");
-    assert!(first.lagging.is_empty(), "{:?}", first.lagging);
-    assert!(!first.master.managed);
+    assert_eq!(seen.current(), sha1);
+    assert_eq!(seen.spec.as_ref().unwrap().history.len(), 1);
+    assert_eq!(seen.total(), 2, "{seen:?}");
+    assert_eq!(
+        seen.count("current"),
+        2,
+        "scale waited for both agents to run it"
+    );
+    assert!(seen.all_on(&sha1));
+    assert!(!seen.master.as_ref().unwrap().managed);
     assert!(
-        first.locust.is_none(),
+        seen.locust.is_none(),
         "no master runs, so no Locust numbers"
     );
 
-    // An edit: a snapshot with the new bundle comes, then one where both agents run it.
+    // An edit: the new publication comes, then a summary where both agents run it.
     f.write_spec("from locust import User, task\n\n\nclass Edited(User):\n    @task\n    def t(self):\n        pass\n");
-    let s2 = ev
-        .until("the new publication", Duration::from_secs(20), |s| {
-            s.current() != sha1
-        })
-        .await;
-    let sha2 = s2.current().to_string();
+    ev.until(
+        &mut seen,
+        "the new publication",
+        Duration::from_secs(20),
+        |s| s.current() != sha1,
+    )
+    .await;
+    let sha2 = seen.current().to_string();
     assert_eq!(sha2, f.current_sha().await.unwrap());
-    let seqs: Vec<u64> = s2.spec.history.iter().map(|v| v.sequence).collect();
+    let spec = seen.spec.clone().unwrap();
+    let seqs: Vec<u64> = spec.history.iter().map(|v| v.sequence).collect();
     assert_eq!(seqs, vec![2, 1], "history newest first");
-    assert_eq!(s2.spec.history[1].sha256, sha1);
-    let done = ev
-        .until(
-            "both agents on the new bundle",
-            Duration::from_secs(30),
-            |s| s.current() == sha2 && s.runs(&sha2) && s.lagging.is_empty(),
-        )
-        .await;
-    assert_eq!(done.nodes.len(), 2);
-    assert!(done
-        .nodes
+    assert_eq!(spec.history[1].sha256, sha1);
+    ev.until(
+        &mut seen,
+        "both agents on the new bundle",
+        Duration::from_secs(30),
+        |s| s.count("current") == 2 && s.all_on(&sha2),
+    )
+    .await;
+    // The rows, fetched as the page does, say the same.
+    let rows = f.nodes().await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows
         .iter()
-        .all(|n| n.heartbeat.running.as_ref().unwrap().sequence == 2));
+        .all(|n| n.standing == Standing::Current
+            && n.heartbeat.running.as_ref().unwrap().sequence == 2));
 
     // Idle, the stream stays open with a keep-alive comment every 15 s.
     let t = Instant::now();
@@ -328,7 +343,78 @@ async fn events_follow_a_spec_edit_to_the_agents() {
     // The UI password opens the stream too.
     let mut ui = Events::open(&f, Some(&basic("fleet", &f.password))).await;
     assert_eq!(ui.status, 200);
-    assert_eq!(ui.snapshot(Duration::from_secs(5)).await.current(), sha2);
+    let mut seen = Seen::default();
+    assert_eq!(ui.part(&mut seen, Duration::from_secs(5)).await, "spec");
+    assert_eq!(seen.current(), sha2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_rows_are_filtered_and_paged() {
+    let mut f = stub_fleet();
+    f.start_serve();
+    let sha = wait_for("first publication", T, || async { f.current_sha().await }).await;
+    let out = f.cli(&["scale", "--nodes", "3"]);
+    assert!(
+        out.status.success(),
+        "scale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let get = |q: &str| {
+        let q = q.to_string();
+        let c = f.operator();
+        async move {
+            let r = c.get(&format!("/api/nodes{q}"), T, 1 << 20).await.unwrap();
+            assert_eq!(r.status, 200, "{q}: {}", String::from_utf8_lossy(&r.body));
+            let total: usize = r.header("x-total-count").unwrap().parse().unwrap();
+            let rows: Vec<NodeView> = serde_json::from_slice(&r.body).unwrap();
+            (
+                total,
+                rows.into_iter()
+                    .map(|n| n.heartbeat.node_id)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert_eq!(get("").await.0, 3);
+    assert_eq!(
+        get("?standing=current&offset=1&limit=1").await,
+        (3, vec!["local-0002".to_string()])
+    );
+    assert_eq!(get("?standing=lagging").await, (0, vec![]));
+    assert_eq!(get(&format!("?bundle={}", &sha[..8])).await.0, 3);
+    assert_eq!(get("?bundle=none").await.0, 0);
+    assert_eq!(
+        get("?q=LOCAL-0003").await,
+        (1, vec!["local-0003".to_string()])
+    );
+    // Stub workers never join a master: their agents say `starting`, or `running` once the join
+    // grace is over. Whatever they say, the filter agrees with the rows.
+    // (Retried: a status may move between the two reads.)
+    wait_for("the status filter to agree with the rows", T, || async {
+        let all = f.nodes().await;
+        for status in ["starting", "running", "crash_loop"] {
+            let want = all
+                .iter()
+                .filter(|n| n.heartbeat.status.as_str() == status)
+                .count();
+            if get(&format!("?status={status}")).await.0 != want {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let r = f
+        .operator()
+        .get("/api/nodes?standing=bogus", T, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    // The summary for clients that poll.
+    let s = f.get_json("/api/summary").await.unwrap();
+    assert_eq!(s["total"], 3);
+    assert_eq!(s["standing"]["current"], 3);
+    assert_eq!(s["bundles"][0]["sha256"], sha.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -389,6 +475,7 @@ async fn dashboard_page_holds_no_secret_and_follows_the_dom_contract() {
         "/api/nodes",
         "/api/spec",
         "/api/master",
+        "/api/summary",
         "href=\"/locust/\"",
     ] {
         assert!(page.contains(p), "{p}");
@@ -403,6 +490,17 @@ async fn dashboard_page_holds_no_secret_and_follows_the_dom_contract() {
         "locust-rps",
         "locust-fail",
         "lagging-count",
+        "count-current",
+        "count-retrying",
+        "count-refused",
+        "count-silent",
+        "status-counts",
+        "bundle-counts",
+        "f-standing",
+        "f-status",
+        "f-bundle",
+        "f-text",
+        "page-info",
         "conn",
     ] {
         assert_eq!(
@@ -417,6 +515,7 @@ async fn dashboard_page_holds_no_secret_and_follows_the_dom_contract() {
         "dataset.ready = \"1\"",
         "dataset.node",
         "\"data-sha\"",
+        "\"data-standing\"",
         "\"lag\"",
         "\"live\"",
         "\"polling\"",
