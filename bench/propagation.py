@@ -5,7 +5,7 @@ Usage: .venv/bin/python bench/propagation.py [--agents 100] [--rounds 5]
 
 For each round the locustfile is rewritten (atomically, as editors do) and the clock starts
 at the rename; an agent's latency is its heartbeat's `running.since_ms` (when it started the
-new bundle's workers) minus that instant. Budget (DESIGN.md): p99 <= 1 s for 1000 agents;
+new bundle's workers) minus that instant. Budget (docs/benchmarks.md): p99 <= 1 s for 1000 agents;
 the issue asks for 100 agents here. Baseline for the ratio: the budget (the old setup's
 Puppet run took minutes and cannot be run here).
 """

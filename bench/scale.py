@@ -106,7 +106,7 @@ try:
 
     # --- fleet ---
     subnets, ami = prepare()
-    f = Fleet(managed_master=False, worker_command=["sleep", "3600"], controller={"auth_fail_burst": 100000.0})
+    f = Fleet(managed_master=False, worker_command=["sleep", "3600"])
     cfg = os.path.join(f.dir, "fleet.toml")
     with open(cfg, "a") as c:
         c.write(f"\n[ec2]\nregion = \"us-east-1\"\nendpoint_url = \"{emu_url}\"\nami = \"{ami}\"\n"
