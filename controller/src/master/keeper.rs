@@ -14,6 +14,7 @@
 //! [`Keeper::decide`] is the whole policy, a pure function of what it remembers, the stats of
 //! one poll, the recorded test and `now`; [`run`] polls, applies and posts.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_common::wire::SwarmRequest;
@@ -172,41 +173,41 @@ impl Keeper {
     }
 }
 
-/// Polls the master until `stopping` turns true: publishes its numbers, records what
-/// [`Keeper::decide`] says, and posts the swarms it asks for.
-pub async fn run(
-    shared: std::sync::Arc<Shared>,
-    api: LocustApi,
-    mut stopping: watch::Receiver<bool>,
-) {
+/// Polls the master until `stopping` turns true (a poll under way is dropped then).
+pub async fn run(shared: Arc<Shared>, api: LocustApi, mut stopping: watch::Receiver<bool>) {
     let mut keeper = Keeper::default();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(STATS_EVERY) => {}
             _ = stopping.wait_for(|s| *s) => return,
+            _ = async {
+                tokio::time::sleep(STATS_EVERY).await;
+                poll(&shared, &api, &mut keeper).await;
+            } => {}
         }
-        let stats = match api.stats().await {
-            Ok(s) => s,
-            Err(_) => {
-                // A master that does not answer has no numbers: never show stale ones.
-                shared.stats.send_replace(None);
-                continue;
-            }
-        };
-        shared.stats.send_replace(Some(stats.clone()));
-        let now = Instant::now();
-        let mut decision = Decision::Nothing;
-        // Decided and applied under the one borrow, so an operator's change in between is
-        // never overwritten by a decision made on the old record.
-        let recorded = shared.desired.send_if_modified(|d| {
-            decision = keeper.decide(&stats, d, now);
-            decision.apply(d, now)
-        });
-        if recorded {
-            shared.save();
-        }
-        post(&api, decision).await;
     }
+}
+
+/// One poll: publishes the master's numbers, records what [`Keeper::decide`] says, and posts
+/// the swarm it asks for.
+async fn poll(shared: &Shared, api: &LocustApi, keeper: &mut Keeper) {
+    let Ok(stats) = api.stats().await else {
+        // A master that does not answer has no numbers: never show stale ones.
+        shared.stats.send_replace(None);
+        return;
+    };
+    shared.stats.send_replace(Some(stats.clone()));
+    let now = Instant::now();
+    let mut decision = Decision::Nothing;
+    // Decided and applied under the one borrow, so an operator's change in between is never
+    // overwritten by a decision made on the old record.
+    let recorded = shared.desired.send_if_modified(|d| {
+        decision = keeper.decide(&stats, d, now);
+        decision.apply(d, now)
+    });
+    if recorded {
+        shared.save();
+    }
+    post(api, decision).await;
 }
 
 async fn post(api: &LocustApi, decision: Decision) {
