@@ -1,6 +1,6 @@
 //! The Locust master: run it, supervise it, and keep a running test going across restarts.
 //!
-//! Four rooms: [`classes`] scans a spec for its user classes, [`api`] talks to the master's web
+//! Four rooms: `classes` scans a spec for its user classes, `api` talks to the master's web
 //! API, `supervisor` owns the master process (start, adopt, restart, stop) and `keeper`
 //! keeps the operator's test running through Locust's own stops. The facts they build on are
 //! in docs/locust.md; how they fit together in docs/architecture.md.
@@ -19,8 +19,8 @@ macro_rules! log {
     ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
 }
 
-pub mod api;
-pub mod classes;
+mod api;
+mod classes;
 mod keeper;
 mod supervisor;
 
