@@ -83,7 +83,7 @@ impl Ec2 {
             region_checked: tokio::sync::OnceCell::new(),
             limits: Mutex::new(Limits::documented(cfg.time_scale, Instant::now())),
             journal: fleet.state_dir().join("ec2-inflight.json"),
-            user_data: crate::userdata::render(fleet, backend_name)?,
+            user_data: super::user_data::render(fleet, backend_name)?,
             fleet: fleet.clone(),
             clients,
             backend_name,
