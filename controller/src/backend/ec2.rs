@@ -30,7 +30,7 @@ macro_rules! log {
     ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
 }
 
-/// The tag every instance of the fleet carries (DESIGN.md, "EC2").
+/// The tag every instance of the fleet carries (docs/ec2.md).
 pub const FLEET_TAG: &str = "fleet";
 /// Waits on our own buckets are capped so progress is reported while waiting.
 const MAX_SLEEP: Duration = Duration::from_secs(2);

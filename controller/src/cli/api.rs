@@ -199,3 +199,31 @@ pub fn refused(r: &Response, what: &str) -> anyhow::Error {
         s => anyhow!("the controller answered HTTP {s} to {what}: {text}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            headers: Default::default(),
+            body: bytes::Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let e = refused(&answer(401, ""), "GET /api/nodes").to_string();
+        assert!(e.contains("check secrets/operator.token"), "{e}");
+        let e = refused(&answer(502, "bad gateway"), "GET /locust/stats/requests").to_string();
+        assert!(e.contains("check state/master.log"), "{e}");
+        let e = refused(&answer(409, r#"{"error":"no workers"}"#), "POST /api/swarm").to_string();
+        assert_eq!(
+            e,
+            "the controller answered HTTP 409 to POST /api/swarm: no workers"
+        );
+        let e = refused(&answer(500, "\n\nboom\nmore"), "GET /locust/x").to_string();
+        assert_eq!(e, "Locust refused GET /locust/x: HTTP 500 boom");
+    }
+}

@@ -252,3 +252,84 @@ async fn wait_connected(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_common::wire::{Heartbeat, NodeStatus, Running, Standing};
+
+    fn info(id: &str) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            state: "running".into(),
+            live: true,
+            place: "localhost".into(),
+            kind: "process".into(),
+            launched: 1,
+        }
+    }
+
+    fn view(id: &str, running: bool, age: f64) -> NodeView {
+        NodeView {
+            heartbeat: Heartbeat {
+                node_id: id.into(),
+                backend: "local".into(),
+                agent_version: "0.1.0".into(),
+                running: running.then(|| Running {
+                    sha256: "aa".into(),
+                    sequence: 1,
+                    master_epoch: 1,
+                    since_ms: 0,
+                }),
+                last_good: None,
+                workers: vec![],
+                status: NodeStatus::Running,
+                last_error: None,
+                rejected: None,
+                uptime_s: 1,
+                update: None,
+                seen_sequence: None,
+            },
+            standing: Standing::Current,
+            heartbeat_age_s: age,
+            addr: "127.0.0.1:1".into(),
+        }
+    }
+
+    #[test]
+    fn a_node_is_connected_when_its_agent_runs_a_bundle_and_heartbeats() {
+        let live = [info("a"), info("b"), info("c"), info("d")];
+        let views = [
+            view("a", true, 1.0),
+            view("b", false, 1.0),
+            view("c", true, SILENT_AFTER_S),
+            view("x", true, 1.0),
+        ];
+        assert_eq!(connected(&live, &views), ["a"]);
+    }
+
+    #[test]
+    fn node_counts_are_checked_against_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        crate::cli::init::init(
+            d.path(),
+            &crate::cli::init::InitOptions {
+                name: "t".into(),
+                listen: "127.0.0.1:8443".into(),
+                url: None,
+                cert_names: vec![],
+                locust: "locust".into(),
+                target: "http://127.0.0.1:8080".into(),
+                force: false,
+            },
+        )
+        .unwrap();
+        let fleet = Fleet::load(d.path()).unwrap();
+        let cap = fleet.config.scale.max_nodes;
+        assert_eq!(check_nodes(&fleet, 0).unwrap(), 0);
+        assert_eq!(check_nodes(&fleet, cap as i64).unwrap(), cap);
+        assert!(check_nodes(&fleet, -1).is_err());
+        let e = check_nodes(&fleet, cap as i64 + 1).unwrap_err().to_string();
+        assert!(e.contains("scale.max_nodes"), "{e}");
+    }
+}

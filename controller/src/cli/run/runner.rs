@@ -370,3 +370,65 @@ fn warnings(start: &MasterView, end: &End, users: u64, after_stop: Option<u64>) 
     }
     w
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn master(epoch: u64) -> MasterView {
+        MasterView {
+            managed: true,
+            pid: None,
+            epoch,
+            restarts: 0,
+            user_classes: vec![],
+            web_url: String::new(),
+            swarm: None,
+        }
+    }
+
+    fn end(epoch: u64, user_count: u64, requests: u64) -> End {
+        End {
+            live: Live {
+                user_count,
+                ..Default::default()
+            },
+            agg: Aggregated {
+                num_requests: requests,
+                ..Default::default()
+            },
+            views: vec![],
+            spec: SpecView {
+                current: None,
+                history: vec![],
+                last_error: None,
+            },
+            master: master(epoch),
+            stop: Err(anyhow::anyhow!("not stopped")),
+            ended: SystemTime::UNIX_EPOCH,
+            history: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_has_no_warnings() {
+        assert!(warnings(&master(1), &end(1, 4, 10), 4, Some(12)).is_empty());
+    }
+
+    #[test]
+    fn restarts_missing_users_and_missing_requests_are_warned_about() {
+        let mut e = end(2, 3, 0);
+        e.history = Some("no history".into());
+        let w = warnings(&master(1), &e, 4, Some(5));
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].starts_with("no stats history: no history"));
+        assert!(w[1].contains("epoch 1 -> 2"));
+        assert!(w[2].starts_with("only 3 of 4 users"));
+        assert!(w[3].contains("stats.csv counts 5 after the stop"));
+        let w = warnings(&master(1), &end(1, 4, 0), 4, None);
+        assert_eq!(
+            w,
+            ["no requests were made; check the locustfile's host and the target"]
+        );
+    }
+}
