@@ -7,7 +7,7 @@ mod api;
 mod backends;
 mod demo;
 mod down;
-pub(crate) mod init;
+mod init;
 mod nginx;
 mod passwd;
 mod render;
