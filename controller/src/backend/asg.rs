@@ -73,7 +73,7 @@ impl Asg {
             }
         }
         let cfg = &self.fleet.config.ec2;
-        let user_data = crate::userdata::render(&self.fleet, "asg")?;
+        let user_data = super::user_data::render(&self.fleet, "asg")?;
         let mut data = RequestLaunchTemplateData::builder()
             .image_id(&cfg.ami)
             .instance_type(cfg.instance_types[0].as_str().into())

@@ -30,7 +30,7 @@ macro_rules! log {
     ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
 }
 
-/// The tag every instance of the fleet carries (DESIGN.md, "EC2").
+/// The tag every instance of the fleet carries (docs/ec2.md).
 pub const FLEET_TAG: &str = "fleet";
 /// Waits on our own buckets are capped so progress is reported while waiting.
 const MAX_SLEEP: Duration = Duration::from_secs(2);
@@ -83,7 +83,7 @@ impl Ec2 {
             region_checked: tokio::sync::OnceCell::new(),
             limits: Mutex::new(Limits::documented(cfg.time_scale, Instant::now())),
             journal: fleet.state_dir().join("ec2-inflight.json"),
-            user_data: crate::userdata::render(fleet, backend_name)?,
+            user_data: super::user_data::render(fleet, backend_name)?,
             fleet: fleet.clone(),
             clients,
             backend_name,

@@ -1,7 +1,7 @@
 //! The EC2 launcher's decisions, kept free of the SDK so they are tested as plain functions.
 //!
-//! - [`Bucket`]: a client-side token bucket shaped on AWS's documented buckets
-//!   (shared/EC2-LIMITS.md), adaptive: a `RequestLimitExceeded` empties it and halves its refill
+//! - [`Bucket`]: a client-side token bucket shaped on AWS's documented buckets (docs/ec2.md,
+//!   "How a launch works"), adaptive: a `RequestLimitExceeded` empties it and halves its refill
 //!   rate; every success creeps the rate back up. The launcher waits on its own buckets instead
 //!   of letting the SDK's retries discover the limit.
 //! - [`Pools`]: subnet × instance type, in the operator's order of preference, with the
@@ -95,7 +95,7 @@ impl Bucket {
     }
 }
 
-/// The documented EC2 buckets (shared/EC2-LIMITS.md), optionally sped up for tests.
+/// The documented EC2 buckets (docs/ec2.md, "How a launch works"), optionally sped up for tests.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub run_requests: Bucket,

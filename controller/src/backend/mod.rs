@@ -6,6 +6,7 @@ pub mod asg;
 pub mod ec2;
 pub mod launcher;
 pub mod local;
+pub mod user_data;
 
 use std::future::Future;
 
@@ -63,14 +64,14 @@ pub trait Backend {
 
 /// What to do next to get from `observed` to `desired` live nodes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Plan {
+pub struct ScalePlan {
     pub launch: usize,
     pub terminate: Vec<String>,
     /// Dead nodes to clean up (they do not count toward the desired number).
     pub cleanup: Vec<String>,
 }
 
-impl Plan {
+impl ScalePlan {
     pub fn is_empty(&self) -> bool {
         self.launch == 0 && self.terminate.is_empty() && self.cleanup.is_empty()
     }
@@ -78,7 +79,7 @@ impl Plan {
 
 /// The scaling decision, a pure function: launch the shortfall, or terminate the surplus
 /// newest first (the oldest have proven themselves), and always clean up the dead.
-pub fn plan(desired: usize, observed: &[NodeInfo]) -> Plan {
+pub fn plan(desired: usize, observed: &[NodeInfo]) -> ScalePlan {
     let cleanup: Vec<String> = observed
         .iter()
         .filter(|n| !n.live)
@@ -86,7 +87,7 @@ pub fn plan(desired: usize, observed: &[NodeInfo]) -> Plan {
         .collect();
     let mut live: Vec<&NodeInfo> = observed.iter().filter(|n| n.live).collect();
     if live.len() <= desired {
-        return Plan {
+        return ScalePlan {
             launch: desired - live.len(),
             terminate: vec![],
             cleanup,
@@ -94,7 +95,7 @@ pub fn plan(desired: usize, observed: &[NodeInfo]) -> Plan {
     }
     live.sort_by(|a, b| b.launched.cmp(&a.launched).then_with(|| b.id.cmp(&a.id)));
     let surplus = live.len() - desired;
-    Plan {
+    ScalePlan {
         launch: 0,
         terminate: live.iter().take(surplus).map(|n| n.id.clone()).collect(),
         cleanup,
@@ -120,7 +121,7 @@ mod tests {
     fn plans_converge_from_any_state() {
         assert_eq!(
             plan(3, &[]),
-            Plan {
+            ScalePlan {
                 launch: 3,
                 ..Default::default()
             }
@@ -134,7 +135,7 @@ mod tests {
         // Up: the dead one does not count and is cleaned up.
         assert_eq!(
             plan(5, &obs),
-            Plan {
+            ScalePlan {
                 launch: 2,
                 terminate: vec![],
                 cleanup: vec!["c".into()]
@@ -143,7 +144,7 @@ mod tests {
         // Down: newest live first.
         assert_eq!(
             plan(1, &obs),
-            Plan {
+            ScalePlan {
                 launch: 0,
                 terminate: vec!["d".into(), "b".into()],
                 cleanup: vec!["c".into()]

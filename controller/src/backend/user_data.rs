@@ -1,4 +1,5 @@
-//! `fleet user-data`: the document a node's agent reads over IMDSv2 (docs/user-data.md).
+//! The user-data a node's agent reads over IMDSv2 (docs/user-data.md): what the `ec2` and `asg`
+//! backends launch with, and what `fleet user-data` prints.
 //!
 //! It is the agent's config layer for one fleet: where the controller is, the CA to pin, the
 //! agent token, the bundle verify key. The token is a secret: anyone allowed

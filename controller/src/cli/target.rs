@@ -21,6 +21,23 @@ fn app() -> Router {
         .fallback(|| async { "hello from the fleet sample target\n" })
 }
 
+/// Run the sample HTTP target.
+#[derive(clap::Args)]
+pub struct TargetArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+}
+
+impl TargetArgs {
+    /// Serves until the process is stopped.
+    pub async fn run(self) -> Result<()> {
+        let (addr, task) = bind(self.listen).await?;
+        println!("sample target on http://{addr}");
+        let _ = task.await;
+        Ok(())
+    }
+}
+
 pub async fn bind(addr: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} for the sample target; pick another with --target-listen")

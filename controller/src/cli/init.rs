@@ -3,6 +3,7 @@
 //! Re-running it keeps every existing secret and only fills in what is missing; `--force`
 //! replaces secrets (which means re-baking user-data for running nodes: docs/security.md).
 
+use std::fmt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -10,8 +11,51 @@ use fleet_common::manifest::SigningKey;
 use fleet_common::secret::random_token;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
+use crate::auth::UI_USER;
 use crate::config::{Fleet, CONFIG_FILE};
 use crate::secrets::{hash_password, write_public, write_secret};
+
+/// Make a fleet directory: fleet.toml, CA and server certificate, signing key, tokens, UI password.
+#[derive(clap::Args)]
+pub struct InitArgs {
+    #[arg(long, default_value = "fleet")]
+    name: String,
+    /// Address `fleet serve` listens on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: String,
+    /// URL agents use to reach the controller (default: from --listen).
+    #[arg(long)]
+    url: Option<String>,
+    /// Extra names or addresses for the server certificate.
+    #[arg(long = "cert-name")]
+    cert_names: Vec<String>,
+    /// The `locust` executable for the master and local agents.
+    #[arg(long, default_value = "locust")]
+    locust: String,
+    /// The host the sample locustfile targets.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// Replace existing secrets.
+    #[arg(long)]
+    force: bool,
+}
+
+impl InitArgs {
+    pub fn run(self, dir: &Path) -> Result<InitReport> {
+        init(
+            dir,
+            &InitOptions {
+                name: self.name,
+                listen: self.listen,
+                url: self.url,
+                cert_names: self.cert_names,
+                locust: self.locust,
+                target: self.target,
+                force: self.force,
+            },
+        )
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -25,12 +69,35 @@ pub struct InitOptions {
 }
 
 /// What `init` did, for the CLI to print.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct InitReport {
     pub created: Vec<String>,
     pub kept: Vec<String>,
     /// The new UI password, when one was made. Shown once; only its hash is stored.
     pub password: Option<String>,
+}
+
+impl fmt::Display for InitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.created {
+            writeln!(f, "created {c}")?;
+        }
+        if !self.kept.is_empty() {
+            writeln!(
+                f,
+                "kept {} (use --force to replace secrets)",
+                self.kept.join(", ")
+            )?;
+        }
+        if let Some(p) = &self.password {
+            writeln!(f, "web UI user: {UI_USER}  password: {p}")?;
+            writeln!(
+                f,
+                "the password is shown only now; `fleet passwd` makes a new one"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 pub const SAMPLE_LOCUSTFILE: &str = r#"# A sample spec: fleet publishes this directory to every agent when it changes.
@@ -63,29 +130,7 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<InitReport> {
     let cfg_path = dir.join(CONFIG_FILE);
     // `--force` replaces secrets, never the operator's own fleet.toml.
     if !cfg_path.exists() {
-        let url = o
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("https://{}", o.listen.replace("0.0.0.0", "127.0.0.1")));
-        let mut names = o.cert_names.clone();
-        for n in [
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            host_of(&url),
-        ] {
-            if !n.is_empty() && !names.contains(&n) {
-                names.push(n);
-            }
-        }
-        let text = format!(
-            "# fleet configuration: docs/configuration.md\nname = {name:?}\n\n[controller]\nlisten = {listen:?}\nurl = {url:?}\ncert_names = {names:?}\nspec_dir = \"spec\"\nlocustfile = \"locustfile.py\"\n\n[master]\nmanaged = true\nlocust = {locust:?}\nbind_host = \"127.0.0.1\"\nhost = \"127.0.0.1\"\nport = 5557\nweb_url = \"http://127.0.0.1:8089/locust\"\n\n[local]\nworkers = 1\nlocust = {locust:?}\n",
-            name = o.name,
-            listen = o.listen,
-            locust = o.locust,
-        );
-        toml::from_str::<crate::config::FleetConfig>(&text)
-            .context("generated fleet.toml does not parse")?;
-        write_public(&cfg_path, text.as_bytes(), true)?;
+        write_config(&cfg_path, o)?;
         r.created.push(CONFIG_FILE.into());
     } else {
         r.kept.push(CONFIG_FILE.into());
@@ -145,6 +190,34 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<InitReport> {
         r.kept.push("secrets/ui.hash".into());
     }
     Ok(r)
+}
+
+/// A new fleet.toml from the flags, checked to parse before it is written.
+fn write_config(cfg_path: &Path, o: &InitOptions) -> Result<()> {
+    let url = o
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}", o.listen.replace("0.0.0.0", "127.0.0.1")));
+    let mut names = o.cert_names.clone();
+    for n in [
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        host_of(&url),
+    ] {
+        if !n.is_empty() && !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let text = format!(
+        "# fleet configuration: docs/configuration.md\nname = {name:?}\n\n[controller]\nlisten = {listen:?}\nurl = {url:?}\ncert_names = {names:?}\nspec_dir = \"spec\"\nlocustfile = \"locustfile.py\"\n\n[master]\nmanaged = true\nlocust = {locust:?}\nbind_host = \"127.0.0.1\"\nhost = \"127.0.0.1\"\nport = 5557\nweb_url = \"http://127.0.0.1:8089/locust\"\n\n[local]\nworkers = 1\nlocust = {locust:?}\n",
+        name = o.name,
+        listen = o.listen,
+        locust = o.locust,
+    );
+    toml::from_str::<crate::config::FleetConfig>(&text)
+        .context("generated fleet.toml does not parse")?;
+    write_public(cfg_path, text.as_bytes(), true)?;
+    Ok(())
 }
 
 /// Makes and stores a new UI password; returns it (the only time it is seen).

@@ -1,0 +1,229 @@
+//! The one client of the operator API that every command uses: the controller's HTTPS API with
+//! the operator token (`fleet_common::client::Client` underneath), and Locust's own API through
+//! the controller's authenticated `/locust/*` proxy. Every failure is one line that says what
+//! to do (docs/protocol.md lists the routes).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use fleet_common::client::{Client, ClientError, Response};
+use fleet_common::wire::{routes, NodeView};
+use hyper::Method;
+
+use crate::backend::NodeInfo;
+use crate::config::Fleet;
+
+/// The usual time for one call.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// JSON answers and Locust's per-request CSVs (at most 500 rows each in Locust).
+pub const SMALL_LIMIT: usize = 16 << 20;
+/// `/api/nodes` at the largest fleets.
+const NODES_LIMIT: usize = 64 << 20;
+const NODES_TIMEOUT: Duration = Duration::from_secs(10);
+/// Best-effort notes to the controller (forget a node, the backend's listing).
+const NOTE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The controller, with the operator token.
+pub struct Api {
+    client: Client,
+    url: String,
+}
+
+impl Api {
+    pub fn new(fleet: &Fleet) -> Result<Api> {
+        Ok(Api {
+            client: fleet.operator_client()?,
+            url: fleet.config.controller.url.clone(),
+        })
+    }
+
+    /// One request; any HTTP status is an answer.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<serde_json::Value>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let body = json.map(|v| ("application/json", v.to_string().into_bytes()));
+        self.client
+            .request(method.clone(), path, body, timeout, limit)
+            .await
+            .map_err(|e| match e {
+                ClientError::Body { .. } => anyhow!("{method} {path}: answer over {limit} bytes"),
+                e => anyhow!(
+                    "controller {} unreachable ({e}); is `fleet serve` running?",
+                    self.url
+                ),
+            })
+    }
+
+    /// A request that must answer 200.
+    pub async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<serde_json::Value>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let r = self
+            .call(method.clone(), path, json, limit, timeout)
+            .await?;
+        if r.status != 200 {
+            return Err(refused(&r, &format!("{method} {path}")));
+        }
+        Ok(r)
+    }
+
+    pub async fn get(&self, path: &str, limit: usize) -> Result<Response> {
+        self.ok(Method::GET, path, None, limit, TIMEOUT).await
+    }
+
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self.get(path, SMALL_LIMIT).await?;
+        serde_json::from_slice(&r.body)
+            .with_context(|| format!("GET {path}: not the JSON expected"))
+    }
+
+    /// An operator action (`/api/swarm`, `/api/stop`): a refusal is the controller's own
+    /// `error` line.
+    pub async fn act(&self, path: &str, json: serde_json::Value) -> Result<()> {
+        let r = self
+            .call(Method::POST, path, Some(json), 1 << 20, TIMEOUT)
+            .await?;
+        if r.status != 200 {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            return Err(match v.get("error").and_then(|e| e.as_str()) {
+                Some(e) => anyhow!("{e}"),
+                None => refused(&r, &format!("POST {path}")),
+            });
+        }
+        Ok(())
+    }
+
+    /// The controller's view of the nodes.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        let r = self
+            .ok(
+                Method::GET,
+                routes::API_NODES,
+                None,
+                NODES_LIMIT,
+                NODES_TIMEOUT,
+            )
+            .await?;
+        serde_json::from_slice(&r.body)
+            .with_context(|| format!("GET {}: not the JSON expected", routes::API_NODES))
+    }
+
+    /// Locust's worker count (through the proxy).
+    pub async fn worker_count(&self) -> Result<u64> {
+        let v: serde_json::Value = self.get_json("/locust/worker-count").await?;
+        Ok(v["worker_count"].as_u64().unwrap_or(0))
+    }
+
+    /// Stops the running test.
+    pub async fn stop(&self) -> Result<Response> {
+        self.ok(
+            Method::POST,
+            routes::API_STOP,
+            Some(serde_json::json!({})),
+            1 << 20,
+            TIMEOUT,
+        )
+        .await
+        .map_err(|e| anyhow!("cannot stop the test ({e:#}); run `fleet stop`"))
+    }
+
+    /// Tells the controller to forget nodes (best effort: a controller that is down learns it
+    /// from the missing heartbeats).
+    pub async fn forget(&self, ids: &[String]) {
+        for id in ids {
+            let path = format!("{}/{id}", routes::API_NODES);
+            let _ = self
+                .client
+                .request(Method::DELETE, &path, None, NOTE_TIMEOUT, 1024)
+                .await;
+        }
+    }
+
+    /// Tells the controller which nodes the backend lists as live, so it keeps them while they
+    /// are silent (best effort: nodes.rs says why).
+    pub async fn report_listed(&self, observed: &[NodeInfo]) {
+        let listing = crate::nodes::Listing {
+            listed: observed
+                .iter()
+                .filter(|n| n.live)
+                .map(|n| n.id.clone())
+                .collect(),
+        };
+        let Ok(body) = serde_json::to_vec(&listing) else {
+            return;
+        };
+        let _ = self
+            .client
+            .request(
+                Method::PUT,
+                routes::API_NODES,
+                Some(("application/json", body)),
+                NOTE_TIMEOUT,
+                1024,
+            )
+            .await;
+    }
+}
+
+/// One line for a refused request, saying what to do.
+pub fn refused(r: &Response, what: &str) -> anyhow::Error {
+    let text = {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) => e.to_string(),
+            None => String::from_utf8_lossy(&r.body)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect(),
+        }
+    };
+    let locust = what.contains(" /locust");
+    match r.status {
+        401 => anyhow!("the controller refused the operator token ({what}: HTTP 401); check secrets/operator.token"),
+        429 => anyhow!("the controller refused the operator token, and this address has failed too often ({what}: HTTP 429); check secrets/operator.token"),
+        502 if locust => anyhow!("the Locust master is not reachable behind the controller ({what}: HTTP 502); check state/master.log and retry"),
+        s if locust => anyhow!("Locust refused {what}: HTTP {s} {text}"),
+        s => anyhow!("the controller answered HTTP {s} to {what}: {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            headers: Default::default(),
+            body: bytes::Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let e = refused(&answer(401, ""), "GET /api/nodes").to_string();
+        assert!(e.contains("check secrets/operator.token"), "{e}");
+        let e = refused(&answer(502, "bad gateway"), "GET /locust/stats/requests").to_string();
+        assert!(e.contains("check state/master.log"), "{e}");
+        let e = refused(&answer(409, r#"{"error":"no workers"}"#), "POST /api/swarm").to_string();
+        assert_eq!(
+            e,
+            "the controller answered HTTP 409 to POST /api/swarm: no workers"
+        );
+        let e = refused(&answer(500, "\n\nboom\nmore"), "GET /locust/x").to_string();
+        assert_eq!(e, "Locust refused GET /locust/x: HTTP 500 boom");
+    }
+}

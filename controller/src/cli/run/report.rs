@@ -1,0 +1,261 @@
+//! The files a run leaves: `summary.json` and `summary.md` per run, `matrix.csv` and
+//! `matrix.md` for a matrix (docs/run.md).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::RunPlan;
+
+/// What `summary.json` holds for one run. The load numbers are copied from the `Aggregated`
+/// row of `stats.json` (see docs/run.md for the exact keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub users: u64,
+    pub spawn_rate: f64,
+    pub duration_s: f64,
+    /// Nodes whose agents heartbeat (`/api/nodes`, heartbeat younger than 15 s).
+    pub nodes: usize,
+    /// `worker_count` of `stats.json`.
+    pub workers: u64,
+    /// Aggregated `num_requests`.
+    pub requests: u64,
+    /// Aggregated `num_failures`.
+    pub failures: u64,
+    /// Aggregated `total_rps`: requests over the time since the stats reset.
+    pub rps: f64,
+    /// Aggregated `median_response_time`.
+    pub p50_ms: f64,
+    /// Aggregated `response_time_percentile_0.95`.
+    pub p95_ms: f64,
+    /// Aggregated `response_time_percentile_0.99`.
+    pub p99_ms: f64,
+    /// 100 × `num_failures` / `num_requests` of the Aggregated row (0 without requests).
+    pub failure_pct: f64,
+    /// Locust's `state` and `user_count` when the numbers were taken.
+    pub state: String,
+    pub user_count: u64,
+    pub spec_sha256: Option<String>,
+    pub spec_sequence: Option<u64>,
+    pub master_epoch: u64,
+    /// RFC 3339 UTC: the swarm was started, and stopped.
+    pub started: String,
+    pub ended: String,
+    pub dir: PathBuf,
+    /// Whether `stats_history.csv` holds Locust's history (else a one-line note).
+    pub history: bool,
+    /// The Aggregated request count of `stats.csv`, fetched after the stop (the workers' last
+    /// reports included): at least `requests`.
+    pub requests_after_stop: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+/// A number as the Markdown shows it: whole numbers bare, others with two decimals.
+pub(super) fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub(super) fn summary_md(s: &Summary) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "# fleet run: {} users for {}\n",
+        s.users,
+        humantime::format_duration(Duration::from_secs_f64(s.duration_s))
+    );
+    let spec = match (&s.spec_sha256, s.spec_sequence) {
+        (Some(h), Some(q)) => format!("`{h}` (sequence {q})"),
+        _ => "-".into(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("users", s.users.to_string()),
+        ("spawn rate (users/s)", num(s.spawn_rate)),
+        ("duration (s)", num(s.duration_s)),
+        ("nodes", s.nodes.to_string()),
+        ("workers", s.workers.to_string()),
+        ("requests", s.requests.to_string()),
+        ("failures", s.failures.to_string()),
+        ("RPS", format!("{:.2}", s.rps)),
+        ("p50 (ms)", num(s.p50_ms)),
+        ("p95 (ms)", num(s.p95_ms)),
+        ("p99 (ms)", num(s.p99_ms)),
+        ("failure %", format!("{:.2}", s.failure_pct)),
+        ("users running at the end", s.user_count.to_string()),
+        (
+            "requests in stats.csv (after the stop)",
+            s.requests_after_stop
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("spec", spec),
+        ("master epoch", s.master_epoch.to_string()),
+        ("started", s.started.clone()),
+        ("ended", s.ended.clone()),
+    ];
+    m.push_str("| | |\n|---|---|\n");
+    for (k, v) in rows {
+        let _ = writeln!(m, "| {k} | {v} |");
+    }
+    m.push_str(
+        "\nThe load numbers are the `Aggregated` row of Locust's `/stats/requests` (saved as \
+         `stats.json`), taken at the end of the run before the test was stopped: `num_requests`, \
+         `num_failures`, `total_rps`, `median_response_time` (p50), \
+         `response_time_percentile_0.95` and `response_time_percentile_0.99`. Workers is its \
+         `worker_count`; nodes are the agents heartbeating in `/api/nodes`.\n\n\
+         Files: `stats.csv`, `failures.csv`, `exceptions.csv` (Locust's CSVs after the stop), \
+         `stats_history.csv` (Locust's full history cut to this run), `report.html` (Locust's \
+         HTML report), `stats.json`, `summary.json`.\n",
+    );
+    if !s.warnings.is_empty() {
+        m.push_str("\n## Warnings\n\n");
+        for w in &s.warnings {
+            let _ = writeln!(m, "- {w}");
+        }
+    }
+    m
+}
+
+const MATRIX_HEADER: &str = "nodes,users,workers,rps,p50_ms,p95_ms,p99_ms,failure_pct,requests";
+
+pub(super) fn matrix_csv(runs: &[Summary]) -> String {
+    let mut s = format!("{MATRIX_HEADER}\n");
+    for r in runs {
+        let _ = writeln!(
+            s,
+            "{},{},{},{:.2},{},{},{},{:.2},{}",
+            r.nodes,
+            r.users,
+            r.workers,
+            r.rps,
+            num(r.p50_ms),
+            num(r.p95_ms),
+            num(r.p99_ms),
+            r.failure_pct,
+            r.requests
+        );
+    }
+    s
+}
+
+pub(super) fn matrix_md(plan: &RunPlan, runs: &[Summary]) -> String {
+    let mut m = String::from("# fleet run: matrix\n\n");
+    let _ = writeln!(
+        m,
+        "Spawn rate {}/s, {} per run, {} runs.\n",
+        num(plan.spawn_rate),
+        humantime::format_duration(plan.duration),
+        runs.len()
+    );
+    m.push_str("| nodes | users | workers | RPS | p50 (ms) | p95 (ms) | p99 (ms) | failure % | requests | spec seq | results |\n");
+    m.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in runs {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} | `{}` |",
+            r.nodes,
+            r.users,
+            r.workers,
+            r.rps,
+            num(r.p50_ms),
+            num(r.p95_ms),
+            num(r.p99_ms),
+            r.failure_pct,
+            r.requests,
+            r.spec_sequence
+                .map(|q| q.to_string())
+                .unwrap_or_else(|| "-".into()),
+            run_dir_name(r.nodes, r.users)
+        );
+    }
+    if let Some(best) = runs.iter().max_by(|a, b| {
+        a.rps
+            .partial_cmp(&b.rps)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    }) {
+        let _ = writeln!(
+            m,
+            "\nHighest throughput: {:.2} RPS with {} nodes and {} users (p95 {} ms, {:.2}% failures).",
+            best.rps,
+            best.nodes,
+            best.users,
+            num(best.p95_ms),
+            best.failure_pct
+        );
+    }
+    let warned: Vec<&Summary> = runs.iter().filter(|r| !r.warnings.is_empty()).collect();
+    if !warned.is_empty() {
+        m.push_str("\n## Warnings\n\n");
+        for r in warned {
+            for w in &r.warnings {
+                let _ = writeln!(m, "- nodes {} users {}: {w}", r.nodes, r.users);
+            }
+        }
+    }
+    m.push_str(
+        "\nEach row is the `summary.json` of its run directory: the `Aggregated` row of Locust's \
+         `/stats/requests` at the end of the run (see docs/run.md).\n",
+    );
+    m
+}
+
+pub(super) fn run_dir_name(nodes: usize, users: u64) -> String {
+    format!("nodes-{nodes}-users-{users}")
+}
+
+pub(super) fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> Result<()> {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_tables() {
+        assert_eq!(num(2.0), "2");
+        assert_eq!(num(2.345), "2.35");
+        let s = Summary {
+            users: 4,
+            spawn_rate: 4.0,
+            duration_s: 8.0,
+            nodes: 2,
+            workers: 2,
+            requests: 88,
+            failures: 43,
+            rps: 20.29351370704754,
+            p50_ms: 2.0,
+            p95_ms: 5.0,
+            p99_ms: 6.0,
+            failure_pct: 48.86,
+            state: "running".into(),
+            user_count: 4,
+            spec_sha256: Some("ab".into()),
+            spec_sequence: Some(1),
+            master_epoch: 1,
+            started: "s".into(),
+            ended: "e".into(),
+            dir: PathBuf::from("/r"),
+            history: true,
+            requests_after_stop: Some(90),
+            warnings: vec![],
+        };
+        let md = summary_md(&s);
+        assert!(md.contains("| RPS | 20.29 |"), "{md}");
+        assert!(md.contains("| requests | 88 |"));
+        assert!(md.contains("| p95 (ms) | 5 |"));
+        let csv = matrix_csv(&[s]);
+        assert_eq!(
+            csv.lines().nth(1),
+            Some("2,4,2,20.29,2,5,6,48.86,88"),
+            "{csv}"
+        );
+    }
+}
