@@ -44,7 +44,7 @@ pub async fn demo(dir: &Path, o: &DemoOptions) -> Result<()> {
         Some(p) => p,
         None => set_password(&fleet)?,
     };
-    let controller = crate::serve::start(&fleet).await?;
+    let controller = crate::daemon::start(&fleet).await?;
     let local = Local::new(&fleet);
     println!("sample target on http://{target}");
     let r = scale(
@@ -96,7 +96,7 @@ pub async fn demo(dir: &Path, o: &DemoOptions) -> Result<()> {
     );
     println!("  dashboard:   {}/", fleet.config.controller.url);
     println!("  Locust UI:   {}/locust/", fleet.config.controller.url);
-    println!("  user:        {}", crate::auth::UI_USER);
+    println!("  user:        {}", crate::daemon::UI_USER);
     println!("  password:    {password}   (shown once; `fleet passwd` makes a new one)");
     println!(
         "  CA:          {}  (the certificate is self-signed by the fleet CA)",

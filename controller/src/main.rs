@@ -260,7 +260,7 @@ async fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 if let Some(p) = r.password {
-                    println!("web UI user: {}  password: {p}", fleet::auth::UI_USER);
+                    println!("web UI user: {}  password: {p}", fleet::daemon::UI_USER);
                     println!("the password is shown only now; `fleet passwd` makes a new one");
                 }
             }
@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Passwd => {
             let fleet = Fleet::load(&cli.dir)?;
             let p = fleet::init::set_password(&fleet)?;
-            println!("web UI user: {}  password: {p}", fleet::auth::UI_USER);
+            println!("web UI user: {}  password: {p}", fleet::daemon::UI_USER);
             println!("restart `fleet serve` to use it");
         }
         Cmd::Nginx {
@@ -300,7 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve => {
             let fleet = Fleet::load(&cli.dir)?;
-            let c = fleet::serve::start(&fleet).await?;
+            let c = fleet::daemon::start(&fleet).await?;
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
             tokio::select! {

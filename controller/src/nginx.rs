@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::auth::UI_USER;
-use crate::client_ip::Cidr;
 use crate::config::Fleet;
+use crate::daemon::Cidr;
+use crate::daemon::UI_USER;
 use crate::ops::Output;
 use crate::secrets::{write_public, write_secret, PasswordHash};
 

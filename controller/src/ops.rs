@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::{plan, Backend, NodeInfo, Plan};
 use crate::config::Fleet;
 
-pub use crate::standing::SILENT_AFTER_S;
+pub(crate) use crate::daemon::SILENT_AFTER_S;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -108,7 +108,7 @@ pub async fn forget(fleet: &Fleet, ids: &[String]) {
 /// Tells the controller which nodes the backend lists as live, so it keeps them while they are
 /// silent (best effort: nodes.rs says why).
 pub async fn report_listed(fleet: &Fleet, observed: &[NodeInfo]) {
-    let listing = crate::nodes::Listing {
+    let listing = crate::daemon::Listing {
         listed: observed
             .iter()
             .filter(|n| n.live)

@@ -16,7 +16,7 @@ use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT
 use fleet_common::wire::{Heartbeat, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
-use crate::fanout::Fanout;
+use crate::daemon::fanout::Fanout;
 
 /// One published version, as served.
 #[derive(Debug)]

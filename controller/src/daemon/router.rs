@@ -20,10 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{Auth, Refusal, Role};
+use crate::daemon::auth::{Auth, Refusal, Role};
+use crate::daemon::nodes::Nodes;
+use crate::daemon::publish::Publisher;
 use crate::master::Master;
-use crate::nodes::Nodes;
-use crate::publish::Publisher;
 
 pub struct AppState {
     pub publisher: Arc<Publisher>,
@@ -55,20 +55,23 @@ pub fn app(state: Shared) -> Router {
     let human = Router::new()
         .route("/", get(dashboard))
         .route(routes::API_NODES, get(api_nodes).put(api_listed))
-        .route(crate::events::SUMMARY_ROUTE, get(api_summary))
+        .route(crate::daemon::events::SUMMARY_ROUTE, get(api_summary))
         .route(
             &format!("{}/{{id}}", routes::API_NODES),
             axum::routing::delete(forget_node),
         )
         .route(routes::API_SPEC, get(api_spec))
         .route(routes::API_MASTER, get(api_master))
-        .route(crate::events::ROUTE, get(api_events))
-        .route(crate::fanout::ROUTE, get(crate::fanout::api))
+        .route(crate::daemon::events::ROUTE, get(api_events))
+        .route(
+            crate::daemon::fanout::ROUTE,
+            get(crate::daemon::fanout::api),
+        )
         .route(routes::API_SWARM, post(api_swarm))
         .route(routes::API_STOP, post(api_stop))
-        .route("/locust", any(crate::proxy::locust))
-        .route("/locust/", any(crate::proxy::locust))
-        .route("/locust/{*rest}", any(crate::proxy::locust))
+        .route("/locust", any(crate::daemon::proxy::locust))
+        .route("/locust/", any(crate::daemon::proxy::locust))
+        .route("/locust/{*rest}", any(crate::daemon::proxy::locust))
         .route_layer(from_fn_with_state((state.clone(), Role::Operator), require));
     Router::new()
         .route(routes::HEALTH, get(|| async { "ok\n" }))
@@ -113,7 +116,7 @@ fn credentials(st: &AppState, req: &Request) -> (Option<String>, IpAddr) {
     let authz = text(header::AUTHORIZATION.as_str()).map(str::to_string);
     let client = st
         .auth
-        .client(peer(req), text(crate::client_ip::REAL_IP_HEADER));
+        .client(peer(req), text(crate::daemon::client_ip::REAL_IP_HEADER));
     (authz, client)
 }
 
@@ -253,8 +256,8 @@ async fn bundle(State(st): State<Shared>, Path(sha): Path<String>) -> Response {
 }
 
 async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
-    use crate::nodes::Refusal;
-    use crate::validate::MAX_HEARTBEAT_BYTES;
+    use crate::daemon::nodes::validate::MAX_HEARTBEAT_BYTES;
+    use crate::daemon::nodes::Refusal;
     let addr = peer(&req);
     let body = match axum::body::to_bytes(req.into_body(), MAX_HEARTBEAT_BYTES).await {
         Ok(b) => b,
@@ -271,7 +274,7 @@ async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad heartbeat: {e}")),
     };
     let current = st.publisher.current();
-    let past = crate::publish::count_past(&hb, current.as_ref().map(|p| &p.manifest));
+    let past = crate::daemon::publish::count_past(&hb, current.as_ref().map(|p| &p.manifest));
     match st.nodes.update(hb, addr, std::time::Instant::now()) {
         Ok(()) => {
             if let Some(seen) = past {
@@ -306,15 +309,21 @@ fn learn(publisher: &Publisher, seen: u64) {
 /// The current publication, as nodes are classified against it.
 fn classified_nodes(st: &AppState) -> Vec<fleet_common::wire::NodeView> {
     let spec = st.publisher.view();
-    let current = spec.current.as_ref().map(crate::standing::Current::from);
+    let current = spec
+        .current
+        .as_ref()
+        .map(crate::daemon::nodes::standing::Current::from);
     st.nodes.list(current, std::time::Instant::now())
 }
 
-/// Every node, or with any query parameter of [`crate::overview::Filter`] the matching ones; the
+/// Every node, or with any query parameter of [`crate::daemon::nodes::overview::Filter`] the matching ones; the
 /// `x-total-count` header says how many matched before `offset` and `limit`.
 async fn api_nodes(
     State(st): State<Shared>,
-    q: Result<Query<crate::overview::Filter>, axum::extract::rejection::QueryRejection>,
+    q: Result<
+        Query<crate::daemon::nodes::overview::Filter>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Response {
     let Ok(Query(filter)) = q else {
         return error(
@@ -331,13 +340,13 @@ async fn api_nodes(
 
 /// The node table in counts (the dashboard's summary, for clients that poll).
 async fn api_summary(State(st): State<Shared>) -> Response {
-    Json(crate::events::node_summary(&st)).into_response()
+    Json(crate::daemon::events::node_summary(&st)).into_response()
 }
 
 /// The backend's live node ids, from `fleet scale` and `fleet status`: silent nodes among them
 /// are kept rather than forgotten (nodes.rs).
 async fn api_listed(State(st): State<Shared>, body: axum::body::Bytes) -> Response {
-    let listing: crate::nodes::Listing = match serde_json::from_slice(&body) {
+    let listing: crate::daemon::nodes::Listing = match serde_json::from_slice(&body) {
         Ok(l) => l,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad node listing: {e}")),
     };
@@ -361,7 +370,7 @@ async fn api_master(State(st): State<Shared>) -> Response {
 
 /// The dashboard's live feed: a Server-Sent Events stream of snapshots (`events.rs`).
 async fn api_events(State(st): State<Shared>) -> Response {
-    crate::events::response(st)
+    crate::daemon::events::response(st)
 }
 
 async fn api_swarm(State(st): State<Shared>, Json(s): Json<SwarmRequest>) -> Response {
@@ -473,7 +482,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` over TLS on `listener` until `shutdown` turns true, HTTP/2 or HTTP/1.1 as
 /// ALPN chose. There is no plaintext path. At most `max_conns` connections are served at once;
-/// past that they are shed (`crate::listener`). A failing `accept` (`EMFILE` ...) pauses the
+/// past that they are shed (`crate::daemon::listener`). A failing `accept` (`EMFILE` ...) pauses the
 /// loop, longer each time, and is logged once per interval, not once per failure.
 pub async fn serve_tls(
     listener: TcpListener,
@@ -482,7 +491,7 @@ pub async fn serve_tls(
     max_conns: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use crate::listener::{accept_pause, shed, Throttle, LOG_EVERY, SHED_SLOTS};
+    use crate::daemon::listener::{accept_pause, shed, Throttle, LOG_EVERY, SHED_SLOTS};
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     use tokio::sync::Semaphore;
     use tower::ServiceExt;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use fleet_common::wire::SwarmRequest;
 use http_body_util::Full;
 
-use crate::server::Shared;
+use crate::daemon::router::Shared;
 
 /// Largest request body passed to Locust (its forms are tiny).
 const MAX_BODY: usize = 1 << 20;
