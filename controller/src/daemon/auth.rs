@@ -114,6 +114,8 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// With the default settings: the tests' constructor.
+    #[cfg(test)]
     pub fn new(agent_token: &str, operator_token: &str, ui: PasswordHash) -> Auth {
         Auth::with_settings(agent_token, operator_token, ui, Settings::default())
     }

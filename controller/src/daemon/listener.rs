@@ -1,17 +1,27 @@
-//! What the controller does before and around `accept`: it raises its open-files limit, caps
-//! the connections it serves below that limit, and sheds the excess in a way clients back off
+//! Serving the router over TLS, and what the controller does around `accept`: it serves at
+//! most the connection cap (`nofile`) at once and sheds the excess in a way clients back off
 //! from, instead of letting `accept` fail with `EMFILE` in a loop (docs/protocol.md,
 //! "Connections").
 //!
-//! Every served connection holds one file descriptor; so do the listening socket, the Locust
-//! master's pipes, the spec watcher, the connections to the master's web UI and to AWS, and the
-//! files read while publishing. [`connection_cap`] keeps [`reserved_fds`] of the limit for
-//! those. Past the cap, up to [`SHED_SLOTS`] connections at a time are answered over HTTP/1.1:
+//! Past the cap, up to [`SHED_SLOTS`] connections at a time are answered over HTTP/1.1:
 //! `/healthz` normally, anything else `503` with `Retry-After` ([`SHED_RETRY_AFTER_S`]), then
 //! closed; beyond that a connection is closed as soon as it is accepted. The agent's client
 //! treats both as a reason to wait before its next connection.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::http::{header, HeaderValue};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::daemon::router::Peer;
 
 /// Connections answered at once past the cap, each for at most [`SHED_TIMEOUT`].
 pub const SHED_SLOTS: usize = 32;
@@ -19,10 +29,6 @@ pub const SHED_SLOTS: usize = 32;
 pub const SHED_RETRY_AFTER_S: u64 = 5;
 /// A shed connection's TLS handshake and one request must fit in this.
 pub const SHED_TIMEOUT: Duration = Duration::from_secs(5);
-/// File descriptors kept for everything but client connections: at least this many...
-pub const RESERVED_FDS_MIN: u64 = 256;
-/// ...or this fraction of the limit (1/16), whichever is larger.
-pub const RESERVED_FDS_DIVISOR: u64 = 16;
 /// Pause after a failed `accept`, doubling per consecutive failure up to
 /// [`ACCEPT_PAUSE_MAX`]: the listening socket stays readable while `accept` fails, so without
 /// a pause the loop would spin.
@@ -32,102 +38,53 @@ pub const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// shedding), with the count of what it stands for.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The soft open-files limit to ask for: the hard limit, or the kernel's per-process ceiling
-/// (`/proc/sys/fs/nr_open`) when the hard limit is "unlimited", never lower than `soft`.
-pub fn nofile_target(soft: u64, hard: u64, nr_open: Option<u64>) -> u64 {
-    let ceiling = if hard == u64::MAX {
-        nr_open.unwrap_or(1 << 20)
-    } else {
-        hard
-    };
-    ceiling.max(soft)
+/// The rustls server config: exactly one certificate chain and one private key, ring as the
+/// explicit provider (as in the client), session tickets and a session cache so clients that
+/// reconnect resume instead of paying a full handshake. ALPN offers HTTP/2 first (an agent
+/// multiplexes its long-poll, heartbeats and downloads over one connection), then HTTP/1.1
+/// (nginx's upstream connections, curl, old clients).
+pub(super) fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("server certificate is not valid PEM")?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "server certificate file holds no certificate"
+    );
+    let mut keys: Vec<_> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .context("server key is not valid PEM")?
+        .into_iter()
+        .collect();
+    anyhow::ensure!(
+        keys.len() == 1,
+        "server key file must hold exactly one private key"
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, keys.remove(0))
+        .context("server certificate and key do not match")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(Arc::new(cfg))
 }
 
-/// Descriptors kept for everything but client connections under a limit of `nofile`.
-pub fn reserved_fds(nofile: u64) -> u64 {
-    RESERVED_FDS_MIN.max(nofile / RESERVED_FDS_DIVISOR)
-}
-
-/// Connections served at once under an open-files limit of `nofile`; `configured` (0: none)
-/// can only lower it. Never less than half the limit, so a tiny limit still serves.
-pub fn connection_cap(nofile: u64, configured: usize) -> usize {
-    let derived = nofile
-        .saturating_sub(reserved_fds(nofile))
-        .max(nofile / 2)
-        .max(1);
-    let derived = usize::try_from(derived).unwrap_or(usize::MAX);
-    if configured == 0 {
-        derived
-    } else {
-        configured.min(derived)
-    }
-}
-
-/// The open-files limit before and after [`raise_nofile`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct Nofile {
-    pub before: u64,
-    pub now: u64,
-    pub hard: u64,
-    /// Why it could not be raised, if it was meant to be.
-    pub error: Option<String>,
-}
-
-impl std::fmt::Display for Nofile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hard = if self.hard == u64::MAX {
-            "unlimited".to_string()
-        } else {
-            self.hard.to_string()
-        };
-        match &self.error {
-            Some(e) => write!(
-                f,
-                "open files: soft limit {} (hard {hard}); raising it failed: {e}",
-                self.now
-            ),
-            None if self.now > self.before => write!(
-                f,
-                "open files: soft limit raised from {} to {} (hard {hard})",
-                self.before, self.now
-            ),
-            None => write!(f, "open files: soft limit {} (hard {hard})", self.now),
-        }
-    }
-}
-
-/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit ([`nofile_target`]).
-pub fn raise_nofile() -> Nofile {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok(l) => l,
-        Err(e) => {
-            return Nofile {
-                before: 1024,
-                now: 1024,
-                hard: 1024,
-                error: Some(e.to_string()),
-            }
-        }
-    };
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let target = nofile_target(soft, hard, nr_open);
-    let mut out = Nofile {
-        before: soft,
-        now: soft,
-        hard,
-        error: None,
-    };
-    if target > soft {
-        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-            Ok(()) => out.now = target,
-            Err(e) => out.error = Some(e.to_string()),
-        }
-    }
-    out
-}
+/// Streams one HTTP/2 connection may carry at once. An agent uses three at most (long-poll,
+/// heartbeat, bundle download); a browser on the dashboard and the Locust UI a few dozen.
+pub const H2_MAX_STREAMS: u32 = 100;
+/// The server pings an HTTP/2 connection that has been silent this long...
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and closes it when the answer takes longer than this: a dead agent's connection (its
+/// node terminated without a FIN) is reclaimed within 80 s. Live agents ping every 30 s
+/// themselves, which keeps the server's pings from being needed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// An HTTP/1.1 connection must send a request's headers within this, idle keep-alive
+/// connections included: it is also their idle timeout.
+pub const H1_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection must complete its TLS handshake within this.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One line per [`LOG_EVERY`] for a condition that may repeat thousands of times a second.
 #[derive(Debug, Default)]
@@ -163,11 +120,10 @@ pub fn accept_pause(n: u32) -> Duration {
 /// Answers one connection past the cap: the TLS handshake (HTTP/1.1 only), then `/healthz`
 /// as usual and anything else `503` with `Retry-After`, then close; all within
 /// [`SHED_TIMEOUT`].
-pub async fn shed(tcp: tokio::net::TcpStream, acceptor: tokio_rustls::TlsAcceptor) {
-    use axum::http::{header, StatusCode};
+async fn shed(tcp: TcpStream, acceptor: TlsAcceptor) {
+    use axum::http::StatusCode;
     use fleet_common::wire::routes;
     use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
 
     let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
         let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from_static(
@@ -199,35 +155,146 @@ pub async fn shed(tcp: tokio::net::TcpStream, acceptor: tokio_rustls::TlsAccepto
     .await;
 }
 
+/// Serves `app` over TLS on `listener` until `shutdown` turns true, HTTP/2 or HTTP/1.1 as
+/// ALPN chose. There is no plaintext path. At most `max_conns` connections are served at once;
+/// past that they are shed ([`shed`]). A failing `accept` (`EMFILE` ...) pauses the loop,
+/// longer each time, and is logged once per interval, not once per failure.
+pub(super) async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    max_conns: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls.clone());
+    let shed_acceptor = {
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(h1))
+    };
+    let served = Arc::new(Semaphore::new(max_conns));
+    let shedding = Arc::new(Semaphore::new(SHED_SLOTS));
+    let (mut failures, mut accept_log, mut shed_log) =
+        (0u32, Throttle::default(), Throttle::default());
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => {
+                    failures = 0;
+                    x
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if let Some(n) = accept_log.hit(Instant::now()) {
+                        log!(
+                            "accept failed {n} time(s) in {}s, last: {e}; pausing up to 1 s each \
+                             time (raise LimitNOFILE or lower controller.max_connections)",
+                            LOG_EVERY.as_secs()
+                        );
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(accept_pause(failures)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = served.clone().try_acquire_owned() else {
+            if let Some(n) = shed_log.hit(Instant::now()) {
+                log!(
+                    "at the cap of {max_conns} connections: shed {n} in {}s (503 with \
+                     Retry-After, or closed); raise LimitNOFILE or controller.max_connections",
+                    LOG_EVERY.as_secs()
+                );
+            }
+            shed_excess(tcp, &shed_acceptor, &shedding);
+            continue;
+        };
+        let conn = Conn {
+            tcp,
+            addr,
+            permit,
+            acceptor: acceptor.clone(),
+        };
+        tokio::spawn(conn.serve(app.clone(), shutdown.clone()));
+    }
+}
+
+/// A connection past the cap: answered in one of the [`SHED_SLOTS`] if one is free, else
+/// closed at once (dropped).
+fn shed_excess(tcp: TcpStream, acceptor: &TlsAcceptor, slots: &Arc<Semaphore>) {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            shed(tcp, acceptor).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One accepted connection under the cap, holding its permit until it closes.
+struct Conn {
+    tcp: TcpStream,
+    addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+}
+
+impl Conn {
+    /// The TLS handshake, then HTTP/2 or HTTP/1.1 as ALPN chose, until the client leaves or
+    /// `stop` turns true (then a graceful close of at most 2 s).
+    async fn serve(self, app: Router, mut stop: watch::Receiver<bool>) {
+        let _permit = self.permit;
+        let _ = self.tcp.set_nodelay(true);
+        let Ok(Ok(tls)) =
+            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.acceptor.accept(self.tcp)).await
+        else {
+            return;
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let addr = self.addr;
+        let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer(addr));
+            // HTTP/2 carries the host in `:authority`; handlers read `Host`.
+            if !req.headers().contains_key(header::HOST) {
+                if let Some(v) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            req
+        });
+        let svc = hyper_util::service::TowerToHyperService::new(svc);
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(H1_HEADER_TIMEOUT);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        let b = if h2 { b.http2_only() } else { b.http1_only() };
+        let conn = b.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_soft_limit_goes_up_to_the_hard_one() {
-        assert_eq!(nofile_target(1024, 524_288, Some(1_048_576)), 524_288);
-        assert_eq!(
-            nofile_target(1024, u64::MAX, Some(1_048_576)),
-            1_048_576,
-            "unlimited means the kernel's ceiling"
-        );
-        assert_eq!(nofile_target(1024, u64::MAX, None), 1 << 20);
-        assert_eq!(nofile_target(4096, 4096, None), 4096);
-    }
-
-    #[test]
-    fn the_cap_leaves_room_for_files_and_pipes() {
-        assert_eq!(connection_cap(1024, 0), 768);
-        assert_eq!(connection_cap(65_536, 0), 65_536 - 4096);
-        assert_eq!(connection_cap(300, 0), 150, "half of a tiny limit");
-        assert_eq!(connection_cap(1, 0), 1);
-        assert_eq!(connection_cap(65_536, 500), 500, "a setting lowers it");
-        assert_eq!(
-            connection_cap(1024, 5000),
-            768,
-            "a setting cannot go over the limit"
-        );
-    }
 
     #[test]
     fn accept_failures_pause_longer_each_time_up_to_a_second() {
@@ -246,27 +313,5 @@ mod tests {
         }
         assert_eq!(th.hit(t0 + LOG_EVERY), Some(1000));
         assert_eq!(th.hit(t0 + LOG_EVERY + Duration::from_secs(1)), None);
-    }
-
-    #[test]
-    fn the_limit_is_reported_in_one_line() {
-        let n = Nofile {
-            before: 1024,
-            now: 20_000,
-            hard: 20_000,
-            error: None,
-        };
-        assert_eq!(
-            n.to_string(),
-            "open files: soft limit raised from 1024 to 20000 (hard 20000)"
-        );
-        let same = Nofile {
-            before: 20_000,
-            ..n
-        };
-        assert_eq!(
-            same.to_string(),
-            "open files: soft limit 20000 (hard 20000)"
-        );
     }
 }

@@ -20,6 +20,7 @@ mod fanout;
 mod limiter;
 mod listener;
 pub(crate) mod nodes;
+mod nofile;
 mod operator_routes;
 mod proxy;
 mod publish;
@@ -47,15 +48,16 @@ use crate::config::Fleet;
 use crate::master::Master;
 use crate::secrets::PasswordHash;
 use auth::Auth;
+use listener::{serve_tls, tls_config};
 use nodes::Nodes;
 use publish::Publisher;
-use router::{app, serve_tls, tls_config, AppState, Shared};
+use router::{app, AppState, Shared};
 use steward::Steward;
 
 /// A running controller.
 pub struct Controller {
     pub addr: SocketAddr,
-    pub state: Shared,
+    pub(crate) state: Shared,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     _watcher: notify::RecommendedWatcher,
@@ -116,9 +118,8 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
 
     // Before anything opens files: every agent holds one connection, and 1024 (a login
     // shell's usual soft limit) is too few for a thousand of them.
-    let nofile = crate::daemon::listener::raise_nofile();
-    let max_conns =
-        crate::daemon::listener::connection_cap(nofile.now, cfg.controller.max_connections);
+    let nofile = nofile::raise_nofile();
+    let max_conns = nofile::connection_cap(nofile.now, cfg.controller.max_connections);
     log!("{nofile}; serving at most {max_conns} connections at once");
 
     let listener = TcpListener::bind(cfg.controller.listen)

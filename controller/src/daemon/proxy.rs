@@ -1,8 +1,9 @@
 //! `/locust/*`: Locust's own web UI and API, reverse-proxied behind the controller's auth.
 //!
 //! The master runs with `--web-base-path /locust`, so paths pass through unchanged. What the
-//! proxy fixes (LOCUST.md): the 308 from `/locust` carries an absolute `http://` Location,
-//! made relative here; `Access-Control-Allow-Origin: *` is dropped; the operator's
+//! proxy fixes (docs/locust.md, "The web UI and REST API, as a proxy in front sees them"): the
+//! 308 from `/locust` carries an absolute `http://` Location, made relative here;
+//! `Access-Control-Allow-Origin: *` is dropped; the operator's
 //! `Authorization` header is never forwarded. A `POST /locust/swarm` is also recorded, so the
 //! controller re-starts that test after a master restart.
 

@@ -143,10 +143,6 @@ impl Nodes {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Records a heartbeat received at `now`.
     pub fn update(&self, mut hb: Heartbeat, addr: SocketAddr, now: Instant) -> Result<(), Refusal> {
         validate(&hb).map_err(Refusal::Invalid)?;
