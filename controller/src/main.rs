@@ -300,15 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve => {
             let fleet = Fleet::load(&cli.dir)?;
-            let c = fleet::daemon::start(&fleet).await?;
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            fleet::log(format_args!("stopping"));
-            c.stop().await;
+            fleet::daemon::serve(&fleet).await?;
         }
         Cmd::Scale {
             nodes,

@@ -26,6 +26,7 @@ mod proxy;
 mod publish;
 mod router;
 mod steward;
+mod tasks;
 
 pub use auth::UI_USER;
 pub(crate) use auth::{FAIL_BURST, FAIL_REFILL_PER_S};
@@ -33,8 +34,10 @@ pub(crate) use client_ip::Cidr;
 pub(crate) use nodes::{
     Limits as NodeLimits, Listing, DEFAULT_FORGET_SILENT_AFTER, DEFAULT_MAX_NODES, SILENT_AFTER_S,
 };
+pub use tasks::TaskEnded;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,21 +56,64 @@ use nodes::Nodes;
 use publish::Publisher;
 use router::{app, AppState, Shared};
 use steward::Steward;
+use tasks::Tasks;
 
-/// A running controller.
+/// The TLS server loop's task name: the one task that ends by itself on `stop`.
+const SERVER: &str = "TLS server loop";
+/// The spec Steward's task name.
+const STEWARD: &str = "spec steward";
+/// How long `stop` waits for open connections to close gracefully.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// `fleet serve`: starts the controller and runs it until SIGINT or SIGTERM (then `Ok`), or
+/// until one of its long-running tasks ends (then the error that names it); the Locust master
+/// is stopped either way.
+pub async fn serve(fleet: &Fleet) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let controller = start(fleet).await?;
+    controller
+        .run_until(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            log!("stopping");
+        })
+        .await
+}
+
+/// A running controller. It owns its long-running tasks: the TLS server loop and the spec
+/// Steward here, the Locust master's supervisor and swarm keeper inside [`Master`].
 pub struct Controller {
     pub addr: SocketAddr,
     pub(crate) state: Shared,
     shutdown: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
+    tasks: Tasks,
     _watcher: notify::RecommendedWatcher,
 }
 
 impl Controller {
-    /// Stops serving and stops the managed Locust master.
+    /// Runs until `stop` resolves (`Ok`) or one of the controller's tasks ends before it (an
+    /// error naming the task: nothing restarts it, so the controller cannot go on). Stops the
+    /// controller and the Locust master either way.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        let outcome = tokio::select! {
+            _ = stop => Ok(()),
+            ended = self.tasks.ended() => Err(anyhow::Error::new(ended)),
+            // THE MASTER'S TASKS: once `Master::join` exists (an error when the supervisor or
+            // the swarm keeper ends before `Master::stop`), this is its arm:
+            // Err(e) = self.state.master.join() => Err(anyhow::Error::new(e)),
+        };
+        self.stop().await;
+        outcome
+    }
+
+    /// Stops serving (open connections get [`STOP_GRACE`] to close), stops the spec Steward,
+    /// and stops the managed Locust master.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        self.tasks.stop(STOP_GRACE, SERVER).await;
         self.state.master.stop().await;
     }
 }
@@ -76,29 +122,12 @@ impl Controller {
 /// with one line and no half-started controller.
 pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let cfg = &fleet.config;
-    let key_der = std::fs::read(fleet.signing_key()).with_context(|| {
-        format!(
-            "cannot read {}; run `fleet init`",
-            fleet.signing_key().display()
-        )
-    })?;
-    let key = SigningKey::from_pkcs8(&key_der)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", fleet.signing_key().display()))?;
+    let key = load_signing_key(fleet)?;
     let tls = tls_config(
         &fleet.read(&fleet.server_pem())?,
         &fleet.read(&fleet.server_key())?,
     )?;
-    let ui = PasswordHash::parse(&fleet.read(&fleet.ui_hash())?)?;
-    let auth = Auth::with_settings(
-        &fleet.read(&fleet.agent_token())?,
-        &fleet.read(&fleet.operator_token())?,
-        ui,
-        crate::daemon::auth::Settings {
-            fail_burst: cfg.controller.auth_fail_burst,
-            fail_refill_per_s: cfg.controller.auth_fail_refill_per_s,
-            trusted_proxies: cfg.controller.trusted_proxies.clone(),
-        },
-    );
+    let auth = load_auth(fleet)?;
     let spec_dir = fleet.spec_dir();
     anyhow::ensure!(
         spec_dir.is_dir(),
@@ -140,21 +169,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         auth: Arc::new(auth),
         name: cfg.name.clone(),
     });
-
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            // Reads (our own packing among them) are not changes.
-            if !matches!(ev.kind, EventKind::Access(_)) {
-                let _ = events_tx.send(());
-            }
-        }
-    })
-    .context("cannot start the file watcher")?;
-    watcher
-        .watch(&spec_dir, RecursiveMode::Recursive)
-        .with_context(|| format!("cannot watch {}", spec_dir.display()))?;
-
+    let (watcher, edits) = watch_spec(&spec_dir)?;
     let steward = Steward {
         fleet: fleet.clone(),
         publisher,
@@ -162,16 +177,16 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         spec_dir,
         master_specs: state_dir.join("master-specs"),
     };
-    tokio::spawn(steward.run(events_rx, Duration::from_millis(cfg.controller.debounce_ms)));
 
+    let mut tasks = Tasks::default();
+    let debounce = Duration::from_millis(cfg.controller.debounce_ms);
+    tasks.spawn(STEWARD, steward.run(edits, debounce));
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(serve_tls(
-        listener,
-        tls,
-        app(state.clone()),
-        max_conns,
-        shutdown_rx,
-    ));
+    let router = app(state.clone());
+    tasks.spawn(
+        SERVER,
+        serve_tls(listener, tls, router, max_conns, shutdown_rx),
+    );
     log!(
         "controller for fleet {:?} listening on https://{addr} (spec: {})",
         cfg.name,
@@ -181,7 +196,51 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         addr,
         state,
         shutdown,
-        server,
+        tasks,
         _watcher: watcher,
     })
+}
+
+/// The key manifests are signed with.
+fn load_signing_key(fleet: &Fleet) -> Result<SigningKey> {
+    let path = fleet.signing_key();
+    let der = std::fs::read(&path)
+        .with_context(|| format!("cannot read {}; run `fleet init`", path.display()))?;
+    SigningKey::from_pkcs8(&der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The agents' token, the operator's token and the UI password's hash, with the failure
+/// budget and the trusted proxies from the config.
+fn load_auth(fleet: &Fleet) -> Result<Auth> {
+    let c = &fleet.config.controller;
+    let ui = PasswordHash::parse(&fleet.read(&fleet.ui_hash())?)?;
+    Ok(Auth::with_settings(
+        &fleet.read(&fleet.agent_token())?,
+        &fleet.read(&fleet.operator_token())?,
+        ui,
+        auth::Settings {
+            fail_burst: c.auth_fail_burst,
+            fail_refill_per_s: c.auth_fail_refill_per_s,
+            trusted_proxies: c.trusted_proxies.clone(),
+        },
+    ))
+}
+
+/// Watches the spec directory: one message per change (reads are not changes), for the
+/// Steward. The watcher stops when it is dropped.
+fn watch_spec(dir: &Path) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            // Reads (our own packing among them) are not changes.
+            if !matches!(ev.kind, EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .context("cannot start the file watcher")?;
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok((watcher, rx))
 }
