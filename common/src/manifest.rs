@@ -43,7 +43,7 @@ pub struct Manifest {
     /// Where workers connect (`--master-host`/`--master-port`).
     pub master: MasterAddr,
     /// Grows whenever the controller restarts the Locust master. Workers of an older master
-    /// never rejoin a new one (LOCUST.md), so agents restart their workers when it changes.
+    /// never rejoin a new one (docs/locust.md), so agents restart their workers when it changes.
     pub master_epoch: u64,
     /// Extra arguments for every worker, after fleet's own.
     pub worker_args: Vec<String>,

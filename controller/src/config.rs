@@ -181,7 +181,7 @@ pub struct ControllerConfig {
     /// Proxies (addresses or networks) whose `X-Real-IP` header names the client, such as the
     /// nginx front. From any other peer the header is ignored.
     #[serde(default)]
-    pub trusted_proxies: Vec<crate::client_ip::Cidr>,
+    pub trusted_proxies: Vec<crate::daemon::Cidr>,
     /// Client connections served at once; 0 derives it from the open-files limit
     /// (`listener::connection_cap`). A value can only lower the derived cap.
     #[serde(default)]
@@ -197,8 +197,8 @@ pub struct ControllerConfig {
 
 impl ControllerConfig {
     /// The node table's bounds.
-    pub fn node_limits(&self) -> crate::nodes::Limits {
-        crate::nodes::Limits {
+    pub fn node_limits(&self) -> crate::daemon::NodeLimits {
+        crate::daemon::NodeLimits {
             max_nodes: self.max_nodes_tracked.max(1),
             forget_silent_after: std::time::Duration::from_secs(self.forget_silent_after_s),
         }
@@ -280,16 +280,16 @@ fn default_max_bundle() -> u64 {
     fleet_common::bundle::Limits::default().max_packed
 }
 fn default_fail_burst() -> f64 {
-    crate::auth::FAIL_BURST
+    crate::daemon::FAIL_BURST
 }
 fn default_fail_refill() -> f64 {
-    crate::auth::FAIL_REFILL_PER_S
+    crate::daemon::FAIL_REFILL_PER_S
 }
 fn default_max_nodes_tracked() -> usize {
-    crate::nodes::DEFAULT_MAX_NODES
+    crate::daemon::DEFAULT_MAX_NODES
 }
 fn default_forget_silent_after_s() -> u64 {
-    crate::nodes::DEFAULT_FORGET_SILENT_AFTER.as_secs()
+    crate::daemon::DEFAULT_FORGET_SILENT_AFTER.as_secs()
 }
 fn default_locust() -> String {
     "locust".into()
@@ -431,7 +431,10 @@ mod tests {
         assert_eq!(c.master.port, 5557);
         assert!(c.master.managed);
         assert_eq!(c.local.workers, 1);
-        assert_eq!(c.controller.node_limits(), crate::nodes::Limits::default());
+        assert_eq!(
+            c.controller.node_limits(),
+            crate::daemon::NodeLimits::default()
+        );
         let bad = format!("{t}[master]\nprot = 1\n");
         assert!(toml::from_str::<FleetConfig>(&bad).is_err());
         assert!(c.controller.trusted_proxies.is_empty());

@@ -1,4 +1,4 @@
-//! The EC2 test setup (DESIGN.md, "How it is tested"): `moto_server` on loopback, the project's
+//! The EC2 test setup (docs/ec2.md, "How it is tested"): `moto_server` on loopback, the project's
 //! throttling emulator in front of it (tests/support/ec2_emulator.py), and the boot harness
 //! that starts a `fleet-agent` with an IMDS emulator for every instance moto reports
 //! (tests/support/boot_harness.py). The CLI under test reaches AWS only through the emulator.

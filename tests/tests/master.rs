@@ -59,7 +59,7 @@ async fn master_restarts_keep_the_test_going() {
     );
     wait_test_running(&f, "/alpha", "the test on /alpha").await;
 
-    // A new user class: the master must restart to know it (LOCUST.md).
+    // A new user class: the master must restart to know it (docs/locust.md).
     f.write_spec(&locustfile(&target, "Api", &[("delta", "/delta")]));
     let sha2 = f.wait_new_sha(&sha1, Duration::from_secs(15)).await;
     let master = f.get_json("/api/master").await.unwrap();

@@ -152,7 +152,7 @@ impl Api {
     /// Tells the controller which nodes the backend lists as live, so it keeps them while they
     /// are silent (best effort: nodes.rs says why).
     pub async fn report_listed(&self, observed: &[NodeInfo]) {
-        let listing = crate::nodes::Listing {
+        let listing = crate::daemon::Listing {
             listed: observed
                 .iter()
                 .filter(|n| n.live)

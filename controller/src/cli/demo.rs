@@ -61,7 +61,7 @@ async fn demo(dir: &Path, o: &DemoArgs) -> Result<()> {
         Some(p) => p,
         None => set_password(&fleet)?,
     };
-    let controller = crate::serve::start(&fleet).await?;
+    let controller = crate::daemon::start(&fleet).await?;
     let local = Local::new(&fleet);
     let api = Api::new(&fleet)?;
     println!("sample target on http://{target}");
@@ -89,7 +89,7 @@ async fn demo(dir: &Path, o: &DemoArgs) -> Result<()> {
 
 /// Starts the test once the workers have joined the master (a moment after the agents report
 /// them started); false when they did not within 30 s.
-async fn start_test(controller: &crate::serve::Controller, o: &DemoArgs) -> bool {
+async fn start_test(controller: &crate::daemon::Controller, o: &DemoArgs) -> bool {
     let api = &controller.state.master.api;
     let want = SwarmRequest {
         users: o.users,
@@ -120,7 +120,7 @@ fn print_banner(fleet: &Fleet, dir: &Path, o: &DemoArgs, password: &str) {
     );
     println!("  dashboard:   {}/", fleet.config.controller.url);
     println!("  Locust UI:   {}/locust/", fleet.config.controller.url);
-    println!("  user:        {}", crate::auth::UI_USER);
+    println!("  user:        {}", crate::daemon::UI_USER);
     println!("  password:    {password}   (shown once; `fleet passwd` makes a new one)");
     println!(
         "  CA:          {}  (the certificate is self-signed by the fleet CA)",

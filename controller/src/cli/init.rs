@@ -11,8 +11,8 @@ use fleet_common::manifest::SigningKey;
 use fleet_common::secret::random_token;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
-use crate::auth::UI_USER;
 use crate::config::{Fleet, CONFIG_FILE};
+use crate::daemon::UI_USER;
 use crate::secrets::{hash_password, write_public, write_secret};
 
 /// Make a fleet directory: fleet.toml, CA and server certificate, signing key, tokens, UI password.

@@ -6,8 +6,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::init::set_password;
-use crate::auth::UI_USER;
 use crate::config::Fleet;
+use crate::daemon::UI_USER;
 
 /// The new password (the only time it is seen).
 #[derive(Debug, Serialize)]

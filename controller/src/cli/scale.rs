@@ -15,7 +15,7 @@ use super::backends::BackendArg;
 use super::render::{bar, Output};
 use crate::backend::{plan, Backend, NodeInfo, ScalePlan};
 use crate::config::Fleet;
-use crate::standing::SILENT_AFTER_S;
+use crate::daemon::SILENT_AFTER_S;
 
 /// Converge the fleet to N nodes, up or down.
 #[derive(clap::Args)]

@@ -1,19 +1,10 @@
-//! `fleet serve`: a thin call into the daemon (`serve::start`), then wait for Ctrl-C or
-//! SIGTERM and stop it.
+//! `fleet serve`: a thin call into the daemon, which runs until Ctrl-C or SIGTERM, or until one
+//! of its tasks ends unexpectedly (an error).
 
 use anyhow::Result;
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Fleet;
 
 pub async fn run(fleet: &Fleet) -> Result<()> {
-    let c = crate::serve::start(fleet).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    crate::log(format_args!("stopping"));
-    c.stop().await;
-    Ok(())
+    crate::daemon::serve(fleet).await
 }

@@ -13,7 +13,7 @@ use super::backends::BackendArg;
 use super::render::escape;
 use crate::backend::{Backend, NodeInfo};
 use crate::config::Fleet;
-use crate::standing::SILENT_AFTER_S;
+use crate::daemon::SILENT_AFTER_S;
 
 /// The fleet's nodes: what the backend says joined with what each agent reports.
 #[derive(clap::Args)]

@@ -19,8 +19,8 @@ use anyhow::{bail, Context, Result};
 
 use self::conf::{render_conf, sha512_crypt};
 use self::settings::{listen_host, make_dirs, needs_group_access, settings, share_with_group};
-use crate::auth::UI_USER;
 use crate::config::Fleet;
+use crate::daemon::UI_USER;
 use crate::secrets::{write_public, write_secret, PasswordHash};
 
 /// Render the nginx front (docs/nginx.md): fleet.conf, htpasswd with the UI password, runtime dirs.

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::{NginxOptions, TEMPLATE, TEMP_DIRS};
-use crate::client_ip::Cidr;
 use crate::config::Fleet;
+use crate::daemon::Cidr;
 
 /// The resolved settings, before anything is written.
 pub(super) struct NginxSettings {

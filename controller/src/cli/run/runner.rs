@@ -17,7 +17,7 @@ use super::RunPlan;
 use crate::cli::api::{refused, Api, SMALL_LIMIT, TIMEOUT};
 use crate::cli::render::{self, Output};
 use crate::config::Fleet;
-use crate::standing::SILENT_AFTER_S;
+use crate::daemon::SILENT_AFTER_S;
 
 /// How often the live progress reads `/locust/stats/requests` (its cache time anyway).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);

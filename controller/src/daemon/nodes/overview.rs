@@ -137,9 +137,9 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nodes::Nodes;
-    use crate::standing::{classify, Current, SILENT_AFTER_S};
-    use crate::validate::samples::*;
+    use crate::daemon::nodes::standing::{classify, Current, SILENT_AFTER_S};
+    use crate::daemon::nodes::validate::samples::*;
+    use crate::daemon::nodes::Nodes;
     use fleet_common::wire::{Update, UpdateState};
     use std::time::Instant;
 

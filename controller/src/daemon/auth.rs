@@ -13,7 +13,7 @@
 //! derivation: it runs on a blocking thread, at most [`HASH_THREADS`] at once, and a client key
 //! over its failure budget waits for the single [`PENALTY_THREADS`] lane, so a flood of wrong
 //! passwords takes at most that much CPU and never a runtime worker. Valid credentials are never
-//! refused because of failures; failures are counted per client key ([`crate::limiter`]) and,
+//! refused because of failures; failures are counted per client key ([`crate::daemon::limiter`]) and,
 //! over budget, answered `429` instead of `401`. Every other refusal is the same 401, so
 //! nothing tells which part was wrong.
 
@@ -27,8 +27,8 @@ use fleet_common::secret::ct_eq;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::client_ip::{client_ip, failure_key, Cidr};
-use crate::limiter::FailureTable;
+use crate::daemon::client_ip::{client_ip, failure_key, Cidr};
+use crate::daemon::limiter::FailureTable;
 use crate::secrets::PasswordHash;
 
 /// The user name of the web UI's basic auth.
@@ -114,6 +114,8 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// With the default settings: the tests' constructor.
+    #[cfg(test)]
     pub fn new(agent_token: &str, operator_token: &str, ui: PasswordHash) -> Auth {
         Auth::with_settings(agent_token, operator_token, ui, Settings::default())
     }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
 use serde::{Deserialize, Serialize};
 
-use crate::server::Shared;
+use crate::daemon::router::Shared;
 
 /// The operator route that shows the log.
 pub const ROUTE: &str = "/api/fanout";

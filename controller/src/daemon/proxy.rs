@@ -1,8 +1,9 @@
 //! `/locust/*`: Locust's own web UI and API, reverse-proxied behind the controller's auth.
 //!
 //! The master runs with `--web-base-path /locust`, so paths pass through unchanged. What the
-//! proxy fixes (LOCUST.md): the 308 from `/locust` carries an absolute `http://` Location,
-//! made relative here; `Access-Control-Allow-Origin: *` is dropped; the operator's
+//! proxy fixes (docs/locust.md, "The web UI and REST API, as a proxy in front sees them"): the
+//! 308 from `/locust` carries an absolute `http://` Location, made relative here;
+//! `Access-Control-Allow-Origin: *` is dropped; the operator's
 //! `Authorization` header is never forwarded. A `POST /locust/swarm` is also recorded, so the
 //! controller re-starts that test after a master restart.
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 use fleet_common::wire::SwarmRequest;
 use http_body_util::Full;
 
-use crate::server::Shared;
+use crate::daemon::router::Shared;
 
 /// Largest request body passed to Locust (its forms are tiny).
 const MAX_BODY: usize = 1 << 20;
@@ -41,7 +42,7 @@ fn form_value<'a>(form: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-pub async fn locust(State(st): State<Shared>, req: Request) -> Response {
+pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().strip_prefix("/locust").unwrap_or("");
     let query = parts
@@ -58,25 +59,7 @@ pub async fn locust(State(st): State<Shared>, req: Request) -> Response {
             return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response()
         }
     };
-    if parts.method == axum::http::Method::POST && path == "/swarm" {
-        let form = String::from_utf8_lossy(&body);
-        let users = form_value(&form, "user_count").and_then(|v| v.parse::<u64>().ok());
-        let rate = form_value(&form, "spawn_rate").and_then(|v| v.parse::<f64>().ok());
-        let run_time = form_value(&form, "run_time")
-            .filter(|v| !v.is_empty())
-            .and_then(|v| {
-                v.parse::<u64>()
-                    .map(Duration::from_secs)
-                    .ok()
-                    .or_else(|| humantime::parse_duration(v).ok())
-            });
-        if let (Some(users), Some(spawn_rate)) = (users, rate) {
-            st.master
-                .set_swarm_until(Some(SwarmRequest { users, spawn_rate }), run_time);
-        }
-    } else if parts.method == axum::http::Method::POST && path == "/stop" {
-        st.master.set_swarm(None);
-    }
+    record(&st.master, &parts.method, path, &body);
     let mut out = hyper::Request::builder()
         .method(parts.method.clone())
         .uri(&uri);
@@ -123,6 +106,32 @@ pub async fn locust(State(st): State<Shared>, req: Request) -> Response {
         }
     }
     Response::from_parts(rparts, Body::new(rbody))
+}
+
+/// A test started or stopped through the Locust UI: the swarm keeper holds it (or forgets it)
+/// as if it came through `/api/swarm` or `/api/stop`.
+fn record(master: &crate::master::Master, method: &axum::http::Method, path: &str, body: &[u8]) {
+    if method != axum::http::Method::POST {
+        return;
+    }
+    if path == "/swarm" {
+        let form = String::from_utf8_lossy(body);
+        let users = form_value(&form, "user_count").and_then(|v| v.parse::<u64>().ok());
+        let rate = form_value(&form, "spawn_rate").and_then(|v| v.parse::<f64>().ok());
+        let run_time = form_value(&form, "run_time")
+            .filter(|v| !v.is_empty())
+            .and_then(|v| {
+                v.parse::<u64>()
+                    .map(Duration::from_secs)
+                    .ok()
+                    .or_else(|| humantime::parse_duration(v).ok())
+            });
+        if let (Some(users), Some(spawn_rate)) = (users, rate) {
+            master.set_swarm_until(Some(SwarmRequest { users, spawn_rate }), run_time);
+        }
+    } else if path == "/stop" {
+        master.set_swarm(None);
+    }
 }
 
 #[cfg(test)]

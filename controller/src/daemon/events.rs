@@ -34,10 +34,10 @@ use hyper::body::Frame;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use crate::daemon::nodes::overview::NodeSummary;
+use crate::daemon::nodes::standing::Current;
+use crate::daemon::router::{AppState, Shared};
 use crate::master::Stats;
-use crate::overview::NodeSummary;
-use crate::server::{AppState, Shared};
-use crate::standing::Current;
 
 /// The route.
 pub const ROUTE: &str = "/api/events";
@@ -275,7 +275,7 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::overview::BundleCount;
+    use crate::daemon::nodes::overview::BundleCount;
 
     const ONE: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const TWO: &str = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -475,7 +475,7 @@ mod tests {
 
     #[test]
     fn a_summary_of_a_thousand_nodes_stays_small() {
-        let nodes = crate::nodes::Nodes::default();
+        let nodes = crate::daemon::nodes::Nodes::default();
         let t = std::time::Instant::now();
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
         for i in 0..1000 {
@@ -645,7 +645,7 @@ mod tests {
         let state_dir = tempfile::tempdir().unwrap();
         let (key, _) = SigningKey::generate();
         let publisher = Arc::new(
-            crate::publish::Publisher::open(
+            crate::daemon::publish::Publisher::open(
                 "snap",
                 "locustfile.py",
                 key,
@@ -654,7 +654,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let target = crate::publish::Target {
+        let target = crate::daemon::publish::Target {
             master: MasterAddr {
                 host: "127.0.0.1".into(),
                 port: 5557,
@@ -678,9 +678,13 @@ mod tests {
         let ui = crate::secrets::PasswordHash::parse(&crate::secrets::hash_password("pw")).unwrap();
         let st = AppState {
             publisher,
-            nodes: Arc::new(crate::nodes::Nodes::default()),
+            nodes: Arc::new(crate::daemon::nodes::Nodes::default()),
             master,
-            auth: Arc::new(crate::auth::Auth::new("agent-tok", "operator-tok", ui)),
+            auth: Arc::new(crate::daemon::auth::Auth::new(
+                "agent-tok",
+                "operator-tok",
+                ui,
+            )),
             name: "snap".into(),
         };
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();

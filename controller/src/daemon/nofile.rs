@@ -1,36 +1,15 @@
-//! What the controller does before and around `accept`: it raises its open-files limit, caps
-//! the connections it serves below that limit, and sheds the excess in a way clients back off
-//! from, instead of letting `accept` fail with `EMFILE` in a loop (docs/protocol.md,
-//! "Connections").
+//! The open-files limit and the connection cap under it (docs/protocol.md, "Connections").
 //!
 //! Every served connection holds one file descriptor; so do the listening socket, the Locust
 //! master's pipes, the spec watcher, the connections to the master's web UI and to AWS, and the
-//! files read while publishing. [`connection_cap`] keeps [`reserved_fds`] of the limit for
-//! those. Past the cap, up to [`SHED_SLOTS`] connections at a time are answered over HTTP/1.1:
-//! `/healthz` normally, anything else `503` with `Retry-After` ([`SHED_RETRY_AFTER_S`]), then
-//! closed; beyond that a connection is closed as soon as it is accepted. The agent's client
-//! treats both as a reason to wait before its next connection.
+//! files read while publishing. At start the controller raises its soft limit to the hard one
+//! ([`raise_nofile`]); [`connection_cap`] then keeps [`reserved_fds`] of it for everything but
+//! client connections. The listener sheds connections past the cap.
 
-use std::time::{Duration, Instant};
-
-/// Connections answered at once past the cap, each for at most [`SHED_TIMEOUT`].
-pub const SHED_SLOTS: usize = 32;
-/// What a shed connection is told to wait, in seconds.
-pub const SHED_RETRY_AFTER_S: u64 = 5;
-/// A shed connection's TLS handshake and one request must fit in this.
-pub const SHED_TIMEOUT: Duration = Duration::from_secs(5);
 /// File descriptors kept for everything but client connections: at least this many...
 pub const RESERVED_FDS_MIN: u64 = 256;
 /// ...or this fraction of the limit (1/16), whichever is larger.
 pub const RESERVED_FDS_DIVISOR: u64 = 16;
-/// Pause after a failed `accept`, doubling per consecutive failure up to
-/// [`ACCEPT_PAUSE_MAX`]: the listening socket stays readable while `accept` fails, so without
-/// a pause the loop would spin.
-pub const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
-pub const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
-/// At most one log line per this interval for a repeated condition (failing `accept`,
-/// shedding), with the count of what it stands for.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The soft open-files limit to ask for: the hard limit, or the kernel's per-process ceiling
 /// (`/proc/sys/fs/nr_open`) when the hard limit is "unlimited", never lower than `soft`.
@@ -129,76 +108,6 @@ pub fn raise_nofile() -> Nofile {
     out
 }
 
-/// One line per [`LOG_EVERY`] for a condition that may repeat thousands of times a second.
-#[derive(Debug, Default)]
-pub struct Throttle {
-    last: Option<Instant>,
-    /// Occurrences not logged since the last line.
-    pub held: u64,
-}
-
-impl Throttle {
-    /// `Some(count)` when a line is due, with the occurrences it stands for (this one
-    /// included).
-    pub fn hit(&mut self, now: Instant) -> Option<u64> {
-        self.held += 1;
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.held))
-    }
-}
-
-/// The pause after the `n`-th consecutive failed `accept` (n ≥ 1).
-pub fn accept_pause(n: u32) -> Duration {
-    ACCEPT_PAUSE_MIN
-        .saturating_mul(1 << n.saturating_sub(1).min(16))
-        .min(ACCEPT_PAUSE_MAX)
-}
-
-/// Answers one connection past the cap: the TLS handshake (HTTP/1.1 only), then `/healthz`
-/// as usual and anything else `503` with `Retry-After`, then close; all within
-/// [`SHED_TIMEOUT`].
-pub async fn shed(tcp: tokio::net::TcpStream, acceptor: tokio_rustls::TlsAcceptor) {
-    use axum::http::{header, StatusCode};
-    use fleet_common::wire::routes;
-    use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
-
-    let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-        let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from_static(
-            b"controller at its connection limit; retry later\n",
-        )));
-        if req.uri().path() == routes::HEALTH {
-            *resp.body_mut() = Full::new(bytes::Bytes::from_static(b"ok\n"));
-        } else {
-            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from(SHED_RETRY_AFTER_S),
-            );
-        }
-        resp.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        Ok::<_, std::convert::Infallible>(resp)
-    });
-    let _ = tokio::time::timeout(SHED_TIMEOUT, async move {
-        let tls = acceptor.accept(tcp).await.ok()?;
-        hyper::server::conn::http1::Builder::new()
-            .keep_alive(false)
-            .serve_connection(TokioIo::new(tls), svc)
-            .await
-            .ok()
-    })
-    .await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,25 +136,6 @@ mod tests {
             768,
             "a setting cannot go over the limit"
         );
-    }
-
-    #[test]
-    fn accept_failures_pause_longer_each_time_up_to_a_second() {
-        let p: Vec<u128> = (1..=9).map(|n| accept_pause(n).as_millis()).collect();
-        assert_eq!(p, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        assert_eq!(accept_pause(u32::MAX), ACCEPT_PAUSE_MAX);
-    }
-
-    #[test]
-    fn a_repeated_condition_logs_once_per_interval_with_its_count() {
-        let t0 = Instant::now();
-        let mut th = Throttle::default();
-        assert_eq!(th.hit(t0), Some(1));
-        for i in 1..1000 {
-            assert_eq!(th.hit(t0 + Duration::from_millis(i)), None);
-        }
-        assert_eq!(th.hit(t0 + LOG_EVERY), Some(1000));
-        assert_eq!(th.hit(t0 + LOG_EVERY + Duration::from_secs(1)), None);
     }
 
     #[test]

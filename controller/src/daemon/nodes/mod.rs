@@ -13,6 +13,12 @@
 //! the backend's live node ids (`PUT /api/nodes`), and the controller keeps those (silent, so
 //! the operator sees them) until a later listing leaves them out.
 
+pub(in crate::daemon) mod overview;
+pub(in crate::daemon) mod standing;
+pub(in crate::daemon) mod validate;
+
+pub(crate) use standing::SILENT_AFTER_S;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -21,9 +27,9 @@ use std::time::{Duration, Instant};
 use fleet_common::wire::{Heartbeat, NodeView, WorkerReport};
 use serde::{Deserialize, Serialize};
 
-use crate::overview::{summarize, NodeSummary};
-use crate::standing::{classify, Current, SILENT_AFTER_S};
-use crate::validate::validate;
+use crate::daemon::nodes::overview::{summarize, NodeSummary};
+use crate::daemon::nodes::standing::{classify, Current};
+use crate::daemon::nodes::validate::validate;
 
 /// Heap bytes one entry of the table may take (checked by a test against the largest heartbeat
 /// [`validate`] accepts).
@@ -137,10 +143,6 @@ impl Nodes {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Records a heartbeat received at `now`.
     pub fn update(&self, mut hb: Heartbeat, addr: SocketAddr, now: Instant) -> Result<(), Refusal> {
         validate(&hb).map_err(Refusal::Invalid)?;
@@ -252,8 +254,8 @@ pub struct Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::samples::*;
-    use crate::validate::MAX_HEARTBEAT_BYTES;
+    use crate::daemon::nodes::validate::samples::*;
+    use crate::daemon::nodes::validate::MAX_HEARTBEAT_BYTES;
     use fleet_common::wire::Standing;
 
     fn addr() -> SocketAddr {

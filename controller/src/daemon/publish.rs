@@ -16,7 +16,7 @@ use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT
 use fleet_common::wire::{Heartbeat, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
-use crate::fanout::Fanout;
+use crate::daemon::fanout::Fanout;
 
 /// One published version, as served.
 #[derive(Debug)]
@@ -336,21 +336,7 @@ impl Publisher {
             bundle,
         });
         inner.history.push_back(publication.clone());
-        while inner.history.len() > self.keep {
-            if let Some(old) = inner.history.pop_front() {
-                let seq = old.manifest.sequence;
-                let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.json")));
-                let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.sig")));
-                let sha = &old.manifest.bundle.sha256;
-                if !inner
-                    .history
-                    .iter()
-                    .any(|p| &p.manifest.bundle.sha256 == sha)
-                {
-                    let _ = std::fs::remove_file(self.dir.join(format!("bundles/{sha}.tar.gz")));
-                }
-            }
-        }
+        self.trim(&mut inner.history);
         // The highest sequence must survive trimming: keep a marker of it.
         write_atomic(
             &self.dir.join("manifests/.highest"),
@@ -360,6 +346,23 @@ impl Publisher {
         self.fanout.published(sequence, sha);
         self.tx.send_replace(Some(publication.clone()));
         Ok(publication)
+    }
+
+    /// Keeps the last `keep` publications: older manifests and signatures are deleted, and a
+    /// bundle once no kept publication names it.
+    fn trim(&self, history: &mut VecDeque<Arc<Publication>>) {
+        while history.len() > self.keep {
+            let Some(old) = history.pop_front() else {
+                return;
+            };
+            let seq = old.manifest.sequence;
+            let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.json")));
+            let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.sig")));
+            let sha = &old.manifest.bundle.sha256;
+            if !history.iter().any(|p| &p.manifest.bundle.sha256 == sha) {
+                let _ = std::fs::remove_file(self.dir.join(format!("bundles/{sha}.tar.gz")));
+            }
+        }
     }
 }
 

@@ -88,12 +88,9 @@ impl FailureTable {
         tokens < 1.0
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buckets.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
     }
 }
 
