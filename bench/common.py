@@ -81,9 +81,17 @@ class Fleet:
             raise SystemExit(f"fleet {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
 
-    def start(self):
+    def start(self, soft_nofile=None):
+        """`soft_nofile`: start under that soft open-files limit, as a login shell would."""
         log = open(os.path.join(self.dir, "serve.log"), "a")
-        self.serve = subprocess.Popen([os.path.join(REL, "fleet"), "--dir", self.dir, "serve"], stdout=log, stderr=log)
+
+        def limit():
+            if soft_nofile:
+                import resource
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
+
+        self.serve = subprocess.Popen([os.path.join(REL, "fleet"), "--dir", self.dir, "serve"], stdout=log, stderr=log, preexec_fn=limit)
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
