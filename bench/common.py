@@ -85,11 +85,21 @@ class Fleet:
             raise SystemExit(f"fleet {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
 
-    def start(self, preexec_fn=None):
-        """Starts `fleet serve`; `preexec_fn` runs in the child before exec (limits, affinity)."""
+    def start(self, preexec_fn=None, soft_nofile=None):
+        """Starts `fleet serve`. `preexec_fn` runs in the child before exec (limits, affinity);
+        `soft_nofile` starts it under that soft open-files limit, as a login shell would."""
         log = open(os.path.join(self.dir, "serve.log"), "a")
+
+        def before_exec():
+            if soft_nofile:
+                import resource
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
+            if preexec_fn:
+                preexec_fn()
+
         self.serve = subprocess.Popen([os.path.join(REL, "fleet"), "--dir", self.dir, "serve"], stdout=log, stderr=log,
-                                      preexec_fn=preexec_fn)
+                                      preexec_fn=before_exec)
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
