@@ -20,8 +20,8 @@ second; `edit` starts at the rename of a new locustfile and lasts `--edit` secon
 and stood in for by this script: a web server on `master.web_url` answering `/stats/requests`
 with totals that change on every poll during `load` (and `edit`) and stand still otherwise.
 
-`--fleet-bin` runs another `fleet` binary as the controller (the agents stay this build's), to
-measure an older controller on the same fleet.
+`--fleet-bin` runs another `fleet` binary as the controller and the CLI (the agents stay this
+build's), to measure an older controller on the same fleet.
 """
 import argparse
 import http.server
@@ -199,7 +199,7 @@ f = Fleet(
     agent_settings={"heartbeat_ms": 5000, "join_grace_ms": 200, "stable_ms": 2000},
 )
 if a.fleet_bin:
-    # The controller under test; agents and the CLI stay this build's.
+    # The controller (and the CLI that goes with it) under test; the agents stay this build's.
     import subprocess
     import signal as _signal
 
@@ -214,7 +214,14 @@ if a.fleet_bin:
                 time.sleep(0.05)
         raise SystemExit("fleet serve did not start")
 
+    def cli_other(*args, check=True):
+        r = subprocess.run([a.fleet_bin, "--dir", f.dir, *args], capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise SystemExit(f"fleet {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
     f.start = start_other
+    f.cli = cli_other
 locust = http.server.ThreadingHTTPServer(("127.0.0.1", f.web_port), FakeLocust)
 threading.Thread(target=locust.serve_forever, daemon=True).start()
 try:
@@ -250,9 +257,9 @@ try:
     print(f"\n{a.agents} agents (heartbeat 5 s), {a.dashboards} open dashboards, stream mode: {mode}, on {machine()}")
     print(f"controller: {a.fleet_bin or os.path.join(REL, 'fleet')}")
     print(f"page load per dashboard (first chunk + first page of rows): {first / 1024:.1f} KiB")
-    print(f"idle  ({idle_dt:.0f} s): {idle / 1024:.2f} KiB/s per dashboard; events/dashboard {idle_ev}; row fetches/dashboard {idle_fetch:.0f}")
-    print(f"load  ({load_dt:.0f} s, Locust totals moving): {load / 1024:.2f} KiB/s per dashboard; events/dashboard {load_ev}; row fetches/dashboard {load_fetch:.0f}")
-    print(f"edit  ({edit_dt:.0f} s from the rename, totals moving): {edit / 1024:.2f} KiB/s per dashboard; events/dashboard {edit_ev}; row fetches/dashboard {edit_fetch:.0f}")
+    print(f"idle  ({idle_dt:.0f} s): {idle:.0f} B/s per dashboard; events/dashboard {idle_ev}; row fetches/dashboard {idle_fetch:.0f}")
+    print(f"load  ({load_dt:.0f} s, Locust totals moving): {load:.0f} B/s per dashboard; events/dashboard {load_ev}; row fetches/dashboard {load_fetch:.0f}")
+    print(f"edit  ({edit_dt:.0f} s from the rename, totals moving): {edit:.0f} B/s per dashboard; events/dashboard {edit_ev}; row fetches/dashboard {edit_fetch:.0f}")
     print(f"after the edit window: {on_new}/{a.agents} agents on the new bundle ({'changed' if new != old else 'NOT published'})")
 finally:
     f.close()
