@@ -21,7 +21,8 @@ pub async fn run(
 ) {
     let mut failing = false;
     while rx.changed().await.is_ok() {
-        let hb = rx.borrow_and_update().clone();
+        let mut hb = rx.borrow_and_update().clone();
+        hb.fit();
         let body = serde_json::to_vec(&hb).expect("serialises");
         match client
             .post_json(routes::HEARTBEAT, body, POST_TIMEOUT)

@@ -196,6 +196,63 @@ impl std::fmt::Display for Standing {
     }
 }
 
+/// Bounds the controller checks every heartbeat against (docs/protocol.md, "Heartbeat
+/// validation"); the agent fits its heartbeats into them before sending.
+pub mod limits {
+    /// Largest heartbeat body accepted.
+    pub const MAX_HEARTBEAT_BYTES: usize = 32 << 10;
+    /// Longest node id, in bytes.
+    pub const MAX_ID: usize = 128;
+    /// Longest `backend` and `agent_version`.
+    pub const MAX_SHORT: usize = 64;
+    /// Longest `last_error` and `update.error`.
+    pub const MAX_ERROR: usize = 1024;
+    /// Most worker reports in one heartbeat: one worker per CPU on a 192-vCPU instance.
+    pub const MAX_WORKERS: usize = 192;
+    /// Longest `last_exit` of a worker (`exit 3`, `signal 9`).
+    pub const MAX_EXIT: usize = 32;
+}
+
+/// `s` as one line of at most `max` bytes: control characters (newlines, escapes) become
+/// spaces, and a longer text is cut at a character boundary with `…` at the end.
+pub fn one_line(s: &str, max: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() <= max {
+        return clean;
+    }
+    const MORE: &str = "…";
+    let mut cut = max.saturating_sub(MORE.len());
+    while !clean.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{MORE}", &clean[..cut])
+}
+
+impl Heartbeat {
+    /// Fits the free-text fields into [`limits`], so an unusual error message cannot get the
+    /// whole heartbeat refused (which would make the node look silent).
+    pub fn fit(&mut self) {
+        use limits::*;
+        self.backend = one_line(&self.backend, MAX_SHORT);
+        self.agent_version = one_line(&self.agent_version, MAX_SHORT);
+        if let Some(e) = &mut self.last_error {
+            *e = one_line(e, MAX_ERROR);
+        }
+        if let Some(u) = &mut self.update {
+            u.error = one_line(&u.error, MAX_ERROR);
+        }
+        self.workers.truncate(MAX_WORKERS);
+        for w in &mut self.workers {
+            if let Some(x) = &mut w.last_exit {
+                *x = one_line(x, MAX_EXIT);
+            }
+        }
+    }
+}
+
 /// A node as the controller knows it (`GET /api/nodes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
@@ -246,4 +303,19 @@ pub struct MasterView {
     pub web_url: String,
     /// The swarm the controller re-starts after a master restart, if a test is running.
     pub swarm: Option<SwarmRequest>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_replaces_control_characters_and_cuts_at_a_character_boundary() {
+        assert_eq!(one_line("a\nb\u{1b}[31m", 100), "a b [31m");
+        let long = "é".repeat(600);
+        let cut = one_line(&long, limits::MAX_ERROR);
+        assert!(cut.len() <= limits::MAX_ERROR);
+        assert!(cut.ends_with('…'));
+        assert_eq!(one_line("short", 5), "short");
+    }
 }

@@ -5,20 +5,9 @@
 use fleet_common::bundle::is_sha256_hex;
 use fleet_common::wire::Heartbeat;
 
-/// Largest heartbeat body accepted. A heartbeat with [`MAX_WORKERS`] workers fits; one with a
-/// few workers is under 1 KiB.
-pub const MAX_HEARTBEAT_BYTES: usize = 32 << 10;
-/// Longest node id, in bytes.
-pub const MAX_ID: usize = 128;
-/// Longest `backend` and `agent_version`.
-pub const MAX_SHORT: usize = 64;
-/// Longest `last_error` and `update.error`.
-pub const MAX_ERROR: usize = 1024;
-/// Most worker reports in one heartbeat: one worker per CPU on a 192-vCPU instance, the largest
-/// general-purpose size.
-pub const MAX_WORKERS: usize = 192;
-/// Longest `last_exit` of a worker (`exit 3`, `signal 9`).
-pub const MAX_EXIT: usize = 32;
+pub use fleet_common::wire::limits::{
+    MAX_ERROR, MAX_EXIT, MAX_HEARTBEAT_BYTES, MAX_ID, MAX_SHORT, MAX_WORKERS,
+};
 
 /// Checks every field of a heartbeat; the error is one line naming the field.
 pub fn validate(hb: &Heartbeat) -> Result<(), String> {
