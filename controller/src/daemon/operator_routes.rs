@@ -97,12 +97,7 @@ pub(super) async fn api_swarm(State(st): State<Shared>, Json(s): Json<SwarmReque
             )
         }
         Ok(_) => {}
-        Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                e.to_string(),
-            )
-        }
+        Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
     match st.master.api.swarm(&s).await {
         Ok(()) => {
