@@ -9,5 +9,7 @@ pub mod bundle;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod manifest;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod secret;
 pub mod wire;

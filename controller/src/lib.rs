@@ -8,7 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod master;
-pub mod procfs;
 pub mod secrets;
 
 /// One timestamped line on stderr: the controller's log.
