@@ -14,6 +14,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use fleet_common::url::{split_url, HostPort};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::header::{HeaderValue, HOST};
@@ -158,8 +160,7 @@ pub fn endpoint_from_env(env: &dyn Env) -> Result<String, ImdsError> {
 pub struct Endpoint {
     /// The base URL without a trailing `/`, as errors and logs show it.
     pub url: String,
-    pub host: String,
-    pub port: u16,
+    pub addr: HostPort,
     /// Empty, or a path such as `/i-0abc` (no trailing `/`).
     pub prefix: String,
 }
@@ -173,48 +174,15 @@ impl Endpoint {
             why: why.to_string(),
         };
         let shape = "must look like http://host[:port][/path] (IMDS is plain HTTP)";
-        let trimmed = url.trim_end_matches('/');
-        let rest = match trimmed.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            _ => return Err(bad(shape)),
-        };
-        let (authority, prefix) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if authority.is_empty() || authority.contains('@') || prefix.contains(['?', '#']) {
-            return Err(bad(shape));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, p) = v6.split_once(']').ok_or_else(|| bad(shape))?;
-            (h, p.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        let port = match port {
-            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
-            None => 80,
-        };
-        if host.is_empty() {
-            return Err(bad(shape));
-        }
+        let (hp, prefix) = split_url(url, "http", 80).ok_or_else(|| bad(shape))?;
+        // `http://` and what was given after it, less a trailing `/`.
+        let given = url.trim_end_matches('/');
+        let given = &given[given.find("://").map_or(0, |i| i + 3)..];
         Ok(Endpoint {
-            url: format!("http://{authority}{prefix}"),
-            host: host.to_string(),
-            port,
-            prefix: prefix.to_string(),
+            url: format!("http://{given}"),
+            addr: hp,
+            prefix,
         })
-    }
-
-    fn host_header(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
     }
 }
 
@@ -249,11 +217,12 @@ impl ImdsClient {
     /// A client for the IMDS at `base_url`, with [`REQUEST_TIMEOUT`] and [`RETRY_DELAYS`].
     pub fn new(base_url: &str) -> Result<ImdsClient, ImdsError> {
         let endpoint = Endpoint::parse(base_url)?;
-        let host_header =
-            HeaderValue::from_str(&endpoint.host_header()).map_err(|_| ImdsError::BadEndpoint {
+        let host_header = HeaderValue::from_str(&endpoint.addr.to_string()).map_err(|_| {
+            ImdsError::BadEndpoint {
                 url: base_url.to_string(),
                 why: "bad host".into(),
-            })?;
+            }
+        })?;
         Ok(ImdsClient {
             endpoint,
             host_header,
@@ -419,7 +388,7 @@ impl ImdsClient {
         limit: usize,
     ) -> Result<Answer, Attempt> {
         let ep = &self.endpoint;
-        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+        let tcp = TcpStream::connect((ep.addr.host.as_str(), ep.addr.port))
             .await
             .map_err(|e| Attempt::Retry(format!("cannot connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
@@ -852,18 +821,18 @@ mod tests {
     fn endpoints_are_parsed_like_aws_sdks() {
         let ep = Endpoint::parse("http://169.254.169.254").unwrap();
         assert_eq!(
-            (ep.host.as_str(), ep.port, ep.prefix.as_str()),
+            (ep.addr.host.as_str(), ep.addr.port, ep.prefix.as_str()),
             ("169.254.169.254", 80, "")
         );
         let ep = Endpoint::parse("http://127.0.0.1:9999/i-0abc/").unwrap();
         assert_eq!(
-            (ep.host.as_str(), ep.port, ep.prefix.as_str()),
+            (ep.addr.host.as_str(), ep.addr.port, ep.prefix.as_str()),
             ("127.0.0.1", 9999, "/i-0abc")
         );
         assert_eq!(ep.url, "http://127.0.0.1:9999/i-0abc");
         let ep = Endpoint::parse("http://[fd00:ec2::254]/").unwrap();
-        assert_eq!((ep.host.as_str(), ep.port), ("fd00:ec2::254", 80));
-        assert_eq!(ep.host_header(), "[fd00:ec2::254]:80");
+        assert_eq!((ep.addr.host.as_str(), ep.addr.port), ("fd00:ec2::254", 80));
+        assert_eq!(ep.addr.to_string(), "[fd00:ec2::254]:80");
         for bad in [
             "https://169.254.169.254",
             "169.254.169.254",

@@ -1,6 +1,6 @@
 //! What the agent reads from `/proc`: a worker's connection to the master (its "joined"
-//! signal), the node's uptime (for the max lifetime), the host name, and whether a process is
-//! still alive.
+//! signal), the node's uptime (for the max lifetime) and the host name. Whether a process is
+//! still alive is `fleet_common::process`'s.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -81,23 +81,6 @@ pub fn connected_to(pid: u32, remotes: &[SocketAddr]) -> bool {
     false
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
-/// parentheses, so the split is at the last `)`): the state letter is the first.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit(')').next()?;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// Whether process `pid` exists and is not a zombie (a zombie has exited; only its status
-/// waits to be collected, maybe not at once when init is the parent).
-#[cfg(test)]
-pub fn alive(pid: u32) -> bool {
-    stat_fields(pid)
-        .and_then(|f| f.first().cloned())
-        .is_some_and(|state| state != "Z")
-}
-
 /// How long this node (its PID 1, so a container's own boot too) has been up: the system's
 /// uptime less PID 1's start time (`/proc/1/stat` field 22, in USER_HZ ticks, 100 on Linux).
 pub fn node_uptime() -> Option<Duration> {
@@ -109,7 +92,7 @@ pub fn node_uptime() -> Option<Duration> {
         .parse()
         .ok()?;
     // Field 22 is the 20th after the command name (fields 1 and 2).
-    let start: f64 = stat_fields(1)?.get(19)?.parse().ok()?;
+    let start: f64 = fleet_common::process::stat(1)?.get(19)?.parse().ok()?;
     Some(Duration::from_secs_f64((up - start / USER_HZ).max(0.0)))
 }
 
@@ -136,26 +119,6 @@ mod tests {
         };
         assert_eq!(parse_proc_addr(le), Some("127.0.0.1:5557".parse().unwrap()));
         assert_eq!(parse_proc_addr("nonsense"), None);
-    }
-
-    #[test]
-    fn a_reaped_child_is_not_alive_and_a_running_one_is() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        assert!(alive(child.id()));
-        assert!(alive(std::process::id()));
-        child.kill().unwrap();
-        // Killed but not waited for: a zombie, which counts as gone.
-        let pid = child.id();
-        let t = std::time::Instant::now();
-        while alive(pid) && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(!alive(pid), "a zombie counts as gone");
-        child.wait().unwrap();
-        assert!(!alive(pid));
     }
 
     #[test]

@@ -19,9 +19,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_common::process::{signal_group, stop_child, Signal};
 use fleet_common::wire::{WorkerReport, WorkerState};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -106,11 +105,6 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn signal_group(pid: u32, sig: Signal) {
-    // ESRCH (already gone) is the normal case after the leader exits; nothing to report.
-    let _ = killpg(Pid::from_raw(pid as i32), sig);
-}
-
 fn spawn(cmd: &WorkerCmd) -> std::io::Result<Child> {
     let mut c = Command::new(&cmd.argv[0]);
     c.args(&cmd.argv[1..])
@@ -120,19 +114,6 @@ fn spawn(cmd: &WorkerCmd) -> std::io::Result<Child> {
         .process_group(0)
         .kill_on_drop(false);
     c.spawn()
-}
-
-async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> Option<ExitStatus> {
-    signal_group(pid, Signal::SIGTERM);
-    let status = match tokio::time::timeout(grace, child.wait()).await {
-        Ok(s) => s.ok(),
-        Err(_) => {
-            signal_group(pid, Signal::SIGKILL);
-            child.wait().await.ok()
-        }
-    };
-    signal_group(pid, Signal::SIGKILL);
-    status
 }
 
 async fn run_slot(
@@ -184,7 +165,7 @@ async fn run_slot(
                         }
                         _ = &mut stop => {
                             set(&|s| s.state = WorkerState::Stopping);
-                            let st = terminate(&mut child, pid, timing.stop_grace).await;
+                            let st = stop_child(&mut child, pid, timing.stop_grace).await;
                             set(&|s| {
                                 s.pid = None;
                                 s.last_exit = st.map(describe);
@@ -295,6 +276,7 @@ impl WorkerSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_common::process::alive;
 
     fn sh(script: &str) -> WorkerCmd {
         WorkerCmd {
@@ -359,7 +341,7 @@ mod tests {
         }
         let grandchild = grandchild.expect("grandchild started");
         let leader = set.reports()[0].pid.unwrap();
-        assert!(procfs::alive(leader) && procfs::alive(grandchild));
+        assert!(alive(leader) && alive(grandchild));
         let t = Instant::now();
         set.stop().await;
         assert!(
@@ -367,8 +349,8 @@ mod tests {
             "SIGKILL came before the grace period"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!procfs::alive(leader), "leader survived");
-        assert!(!procfs::alive(grandchild), "grandchild survived");
+        assert!(!alive(leader), "leader survived");
+        assert!(!alive(grandchild), "grandchild survived");
     }
 
     #[tokio::test]

@@ -31,6 +31,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::url::HostPort;
+
 /// Delay before the first retry after a failed connection attempt; it doubles per failure.
 pub const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 /// Cap on the delay between connection attempts.
@@ -180,27 +182,11 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 }
 
 /// Splits `https://host:port[/]` into host and port.
-pub fn parse_base_url(url: &str) -> Result<(String, u16), ClientError> {
-    let bad = || ClientError::BadUrl(url.to_string());
-    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
-    let rest = rest.trim_end_matches('/');
-    if rest.contains('/') || rest.is_empty() {
-        return Err(bad());
+pub fn parse_base_url(url: &str) -> Result<HostPort, ClientError> {
+    match crate::url::split_url(url, "https", 443) {
+        Some((hp, path)) if path.is_empty() => Ok(hp),
+        _ => Err(ClientError::BadUrl(url.to_string())),
     }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or_else(bad)?;
-        (h.to_string(), p.strip_prefix(':').unwrap_or("443"))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p),
-            None => (rest.to_string(), "443"),
-        }
-    };
-    let port = port.parse().map_err(|_| bad())?;
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host, port))
 }
 
 /// A rustls client config trusting exactly the certificates in `ca_pem` (no ALPN: the
@@ -246,8 +232,7 @@ struct Pool {
 }
 
 struct Inner {
-    host: String,
-    port: u16,
+    addr: HostPort,
     server_name: ServerName<'static>,
     host_header: HeaderValue,
     /// `https://host:port`, the authority of HTTP/2 requests.
@@ -268,14 +253,10 @@ pub struct Client {
 impl Client {
     /// `auth` is the whole `Authorization` header value (`Bearer …` or `Basic …`).
     pub fn new(base_url: &str, ca_pem: &str, auth: Option<&str>) -> Result<Client, ClientError> {
-        let (host, port) = parse_base_url(base_url)?;
-        let server_name = ServerName::try_from(host.clone())
+        let hp = parse_base_url(base_url)?;
+        let server_name = ServerName::try_from(hp.host.clone())
             .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let authority = hp.to_string();
         let host_header = HeaderValue::from_str(&authority)
             .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
         let auth = match auth {
@@ -289,8 +270,7 @@ impl Client {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Client {
             inner: Arc::new(Inner {
-                host,
-                port,
+                addr: hp,
                 server_name,
                 host_header,
                 origin: format!("https://{authority}"),
@@ -303,7 +283,7 @@ impl Client {
     }
 
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.inner.host, self.inner.port)
+        self.inner.addr.to_string()
     }
 
     pub async fn get(
@@ -533,7 +513,7 @@ impl Client {
     async fn connect(&self) -> Result<Sender, ClientError> {
         let inner = &self.inner;
         let addr = self.addr();
-        let tcp = TcpStream::connect((inner.host.as_str(), inner.port))
+        let tcp = TcpStream::connect((inner.addr.host.as_str(), inner.addr.port))
             .await
             .map_err(|source| ClientError::Connect {
                 addr: addr.clone(),
@@ -625,17 +605,16 @@ mod tests {
     #[test]
     fn base_urls() {
         assert_eq!(
-            parse_base_url("https://127.0.0.1:8443").unwrap(),
-            ("127.0.0.1".into(), 8443)
+            parse_base_url("https://127.0.0.1:8443")
+                .unwrap()
+                .to_string(),
+            "127.0.0.1:8443"
         );
         assert_eq!(
-            parse_base_url("https://ctl.example/").unwrap(),
-            ("ctl.example".into(), 443)
+            parse_base_url("https://ctl.example/").unwrap().to_string(),
+            "ctl.example:443"
         );
-        assert_eq!(
-            parse_base_url("https://[::1]:9").unwrap(),
-            ("::1".into(), 9)
-        );
+        assert_eq!(parse_base_url("https://[::1]:9").unwrap().host, "::1");
         assert!(parse_base_url("http://x:1").is_err());
         assert!(parse_base_url("https://x:1/path").is_err());
         assert!(parse_base_url("https://x:notaport").is_err());

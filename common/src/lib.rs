@@ -1,13 +1,20 @@
 //! Types and formats shared by `fleet` (the controller) and `fleet-agent`.
 //!
-//! Everything here is a fixed contract (docs/architecture.md, "Fixed contracts"): the bundle format, the signed
+//! Its core is the fixed contracts (docs/architecture.md, "Fixed contracts"): the bundle format, the signed
 //! manifest, and the JSON bodies that cross the wire. Both programs depend on this crate, so it
-//! must stay small and free of any server framework or AWS SDK.
+//! must stay small and free of any server framework or AWS SDK. Beside the contracts sit the
+//! helpers both programs (and the tests) share so that each fact is written once: the HTTPS
+//! client and the address parser (`client`, `url`), and process groups and `/proc`
+//! (`process`), each behind a cargo feature.
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod manifest;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod secret;
+#[cfg(feature = "client")]
+pub mod url;
 pub mod wire;

@@ -409,10 +409,8 @@ impl Drop for Fleet {
         self.stop_serve();
         // A master orphaned by a killed controller: its process group.
         if let Some(pid) = self.master_pid() {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            use fleet_common::process::{signal_group, Signal};
+            signal_group(pid as u32, Signal::SIGKILL);
         }
         if std::env::var_os("FLEET_TEST_KEEP").is_some() {
             let p = self.dir.path().to_path_buf();

@@ -2,32 +2,18 @@
 //! use it to check processes they did not start themselves (workers, agents restarted by
 //! hand), where no `Child` handle can be waited on.
 //!
-//! A zombie counts as gone: its process has exited, and only its exit status waits for the
-//! parent (or init) to collect it.
+//! A zombie counts as gone (`fleet_common::process::alive`, the one place that decides it):
+//! its process has exited, and only its exit status waits for the parent (or init) to collect
+//! it.
 
 use std::fs;
 use std::path::PathBuf;
 
-/// The state letter from `/proc/<pid>/stat` (`R`, `S`, `Z`...), if the process exists.
-pub fn state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name in parentheses may hold spaces and parentheses: the state follows the
-    // last `)`.
-    let rest = &s[s.rfind(')')? + 1..];
-    rest.trim_start().chars().next()
-}
+pub use fleet_common::process::state;
 
 /// The command line, arguments joined by spaces; empty if the process is gone.
 pub fn cmdline(pid: u32) -> String {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .split('\0')
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
+    fleet_common::process::cmdline(pid).join(" ")
 }
 
 /// The working directory, if the process exists and may be inspected.
@@ -37,7 +23,7 @@ pub fn cwd(pid: u32) -> Option<PathBuf> {
 
 /// Running or sleeping: it exists and has not exited.
 pub fn is_live(pid: u32) -> bool {
-    matches!(state(pid), Some(c) if c != 'Z' && c != 'X')
+    fleet_common::process::alive(pid)
 }
 
 /// No such process, or only a zombie left.

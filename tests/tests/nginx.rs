@@ -87,7 +87,8 @@ impl Nginx {
     /// SIGQUIT (graceful), then SIGTERM, then SIGKILL of the whole group; true if it stopped
     /// on the first.
     fn stop(&mut self) -> bool {
-        use nix::sys::signal::{kill, killpg, Signal};
+        use fleet_common::process::signal_group;
+        use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         let Some(mut c) = self.child.take() else {
             return true;
@@ -99,13 +100,13 @@ impl Nginx {
             while t.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = c.try_wait() {
                     // The workers exit with the master; make sure none is left either way.
-                    let _ = killpg(pid, Signal::SIGKILL);
+                    signal_group(c.id(), Signal::SIGKILL);
                     return i == 0;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let _ = killpg(pid, Signal::SIGKILL);
+        signal_group(c.id(), Signal::SIGKILL);
         let _ = c.wait();
         false
     }

@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use fleet_common::bundle::{self, Limits, Packed};
 use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT};
+use fleet_common::process::signal_group;
 use fleet_common::wire::{Heartbeat, NodeStatus, WorkerState};
 use fleet_tests::fake_controller::FakeController;
 use fleet_tests::pki::{new_ca, server_tls};
 use fleet_tests::{bin, procfs};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tar::EntryType;
 
@@ -880,7 +881,7 @@ impl Drop for Agent {
         // Workers the agent left behind (it only does on SIGKILL, or by a bug): their groups.
         for pid in self.fake.worker_pids() {
             if is_live_worker(pid) {
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                signal_group(pid, Signal::SIGKILL);
             }
         }
     }

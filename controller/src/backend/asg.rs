@@ -18,10 +18,6 @@ use super::{Backend, NodeInfo};
 use crate::aws::line;
 use crate::config::Fleet;
 
-macro_rules! log {
-    ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
-}
-
 pub struct Asg {
     fleet: Fleet,
     ec2: Ec2,

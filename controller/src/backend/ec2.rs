@@ -26,10 +26,6 @@ use super::{Backend, NodeInfo};
 use crate::aws::{classify, line, Clients, Failure};
 use crate::config::Fleet;
 
-macro_rules! log {
-    ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
-}
-
 /// The tag every instance of the fleet carries (docs/ec2.md).
 pub const FLEET_TAG: &str = "fleet";
 /// Waits on our own buckets are capped so progress is reported while waiting.

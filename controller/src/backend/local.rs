@@ -7,8 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use fleet_common::process;
 
 use indicatif::ProgressBar;
 
@@ -36,12 +35,9 @@ pub fn find_agent(configured: &str) -> PathBuf {
     PathBuf::from("fleet-agent")
 }
 
+/// Whether `pid` (read from a node's `agent.pid`) is still that node's agent.
 fn pid_alive(pid: u32) -> bool {
-    let name = b"fleet-agent";
-    crate::procfs::live_process(pid, |args| {
-        args.iter()
-            .any(|a| a.windows(name.len()).any(|w| w == name))
-    })
+    process::alive_as(pid, |args| args.iter().any(|a| a.contains("fleet-agent")))
 }
 
 impl Local {
@@ -210,18 +206,10 @@ impl Backend for Local {
                 "not a local node id: {id:?}"
             );
             let dir = self.dir().join(id);
-            if let Some(pid) = Self::pid_of(&dir).filter(|p| pid_alive(*p)) {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                pids.push(pid);
-            }
+            // Each agent leads a process group of its own (its workers have theirs).
+            pids.extend(Self::pid_of(&dir).filter(|p| pid_alive(*p)));
         }
-        let deadline = tokio::time::Instant::now() + STOP_GRACE;
-        while pids.iter().any(|p| pid_alive(*p)) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for p in pids.iter().filter(|p| pid_alive(**p)) {
-            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
-        }
+        process::stop_groups(&pids, STOP_GRACE, pid_alive).await;
         for id in ids {
             let _ = std::fs::remove_dir_all(self.dir().join(id));
         }

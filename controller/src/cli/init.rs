@@ -120,7 +120,7 @@ class WebsiteUser(FastHttpUser):
 
 fn host_of(url: &str) -> String {
     fleet_common::client::parse_base_url(url)
-        .map(|(h, _)| h)
+        .map(|hp| hp.host)
         .unwrap_or_default()
 }
 

@@ -7,11 +7,6 @@
 //! `publish` signs and keeps and `fanout` counts as they go out; `nodes` is the node table;
 //! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI.
 
-/// One timestamped line on the controller's log (stderr).
-macro_rules! log {
-    ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
-}
-
 mod agent_routes;
 pub(crate) mod auth;
 pub(crate) mod client_ip;

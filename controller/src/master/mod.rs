@@ -15,10 +15,6 @@
 //! survives a controller restart, so the next `fleet serve` adopts a master that is still
 //! running (same epoch, the test keeps running) instead of starting a second one.
 
-macro_rules! log {
-    ($($arg:tt)*) => { crate::log(format_args!($($arg)*)) };
-}
-
 mod api;
 mod classes;
 mod keeper;

@@ -17,8 +17,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use fleet_common::process::{self, signal_group, Signal};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -157,29 +156,16 @@ pub fn master_args(
 
 /// Whether `pid` is a live Locust master (pids are reused: the command line must say so).
 pub fn alive_master(pid: u32) -> bool {
-    crate::procfs::live_process(pid, |args| args.iter().any(|a| *a == b"--master"))
+    process::alive_as(pid, |args| args.iter().any(|a| a == "--master"))
 }
 
 /// Stops a master's process group: SIGTERM, up to [`STOP_GRACE`] for it to exit (our own
 /// child is waited for, an adopted one watched in /proc), then SIGKILL to whatever is left.
 async fn stop_group(p: u32, child: Option<&mut Child>) {
-    let group = Pid::from_raw(p as i32);
-    let _ = killpg(group, Signal::SIGTERM);
     match child {
-        Some(c) => {
-            if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
-                let _ = killpg(group, Signal::SIGKILL);
-                let _ = c.wait().await;
-            }
-        }
-        None => {
-            let t = Instant::now();
-            while alive_master(p) && t.elapsed() < STOP_GRACE {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        Some(c) => drop(process::stop_child(c, p, STOP_GRACE).await),
+        None => process::stop_groups(&[p], STOP_GRACE, alive_master).await,
     }
-    let _ = killpg(group, Signal::SIGKILL);
 }
 
 /// Resolves when the master exits: our child is waited for, an adopted one polled in /proc.
@@ -306,7 +292,7 @@ impl Supervisor {
 
     fn on_exit(&mut self, status: &str) {
         if let Some(p) = self.pid.take() {
-            let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
+            signal_group(p, Signal::SIGKILL);
         }
         self.child = None;
         self.shared.proc.send_modify(|s| s.pid = None);

@@ -1,10 +1,11 @@
 //! `fleet nginx`'s settings: flags first, then `[nginx]` in fleet.toml, then the defaults,
 //! resolved and checked before anything is written; and the account nginx's workers run as.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use fleet_common::url::split_authority;
 
 use super::{NginxOptions, TEMPLATE, TEMP_DIRS};
 use crate::config::Fleet;
@@ -146,13 +147,10 @@ impl Upstream {
         if !url.starts_with("https://") {
             bail!("[nginx] upstream must be https:// (the controller has no plaintext listener)");
         }
-        let (host, port) = fleet_common::client::parse_base_url(&url)
+        let hp = fleet_common::client::parse_base_url(&url)
             .map_err(|e| anyhow::anyhow!("[nginx] upstream: {e}"))?;
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let addr = hp.to_string();
+        let host = hp.host;
         let name = match &cfg.upstream_name {
             Some(n) => n.clone(),
             None => upstream_name(&host, &fleet.config.controller.cert_names)?,
@@ -197,35 +195,30 @@ fn trust_hint(upstream_host: &str, trusted: &[Cidr]) -> Option<String> {
     }
 }
 
-/// The port of an nginx `listen` value: `PORT`, `ADDR:PORT` or `[V6]:PORT`.
+/// The port of an nginx `listen` value: `PORT`, `ADDR:PORT` or `[V6]:PORT` (a host name
+/// too: nginx resolves it at start).
 fn listen_port(s: &str) -> Result<u16> {
     if let Ok(p) = s.parse::<u16>() {
         return Ok(p);
     }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a.port());
+    match split_authority(s) {
+        Some((_, Some(p))) => Ok(p),
+        _ => bail!("{s:?} is not PORT or ADDR:PORT"),
     }
-    // A host name: nginx resolves it at start.
-    if let Some((h, p)) = s.rsplit_once(':') {
-        if !h.is_empty() && !h.contains(':') {
-            if let Ok(p) = p.parse::<u16>() {
-                return Ok(p);
-            }
-        }
-    }
-    bail!("{s:?} is not PORT or ADDR:PORT")
 }
 
+/// The host a browser reaches nginx at: `listen`'s address, `localhost` for a bare port or an
+/// unspecified address.
 pub(super) fn listen_host(listen: &str) -> String {
-    match listen.parse::<SocketAddr>() {
-        Ok(a) if a.ip().is_unspecified() => "localhost".into(),
-        Ok(a) => match a.ip() {
-            IpAddr::V6(v6) => format!("[{v6}]"),
-            IpAddr::V4(v4) => v4.to_string(),
-        },
-        Err(_) => match listen.rsplit_once(':') {
-            Some((h, _)) if listen.parse::<u16>().is_err() => h.to_string(),
-            _ => "localhost".into(),
+    if listen.parse::<u16>().is_ok() {
+        return "localhost".into();
+    }
+    match split_authority(listen) {
+        None => "localhost".into(),
+        Some((h, _)) => match h.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => "localhost".into(),
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => h,
         },
     }
 }
@@ -356,6 +349,10 @@ mod tests {
         assert!(listen_port("nope").is_err());
         assert_eq!(listen_host("0.0.0.0:443"), "localhost");
         assert_eq!(listen_host("127.0.0.1:9443"), "127.0.0.1");
+        assert_eq!(listen_host("[::1]:9443"), "[::1]");
+        assert_eq!(listen_host("[::]:443"), "localhost");
+        assert_eq!(listen_host("fleet.example:8443"), "fleet.example");
+        assert_eq!(listen_host("8443"), "localhost");
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         assert_eq!(upstream_name("127.0.0.1", &names).unwrap(), "localhost");
         assert_eq!(upstream_name("ctl.example", &names).unwrap(), "ctl.example");
