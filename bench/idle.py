@@ -7,7 +7,7 @@ Usage: .venv/bin/python bench/idle.py [--agents 1000] [--seconds 30] [--soft-nof
 N local agents with a stub worker (`sleep 3600`) each, no Locust master. Once every agent has
 reported, the script waits 10 s for the fleet to settle, then samples the controller's CPU
 time (utime + stime of all its threads, /proc/PID/stat) over `--seconds` and its RSS every
-second. Budget (DESIGN.md): idle CPU <= 2 % of one core and RSS <= 64 MiB with 1000 agents.
+second. Budget (docs/benchmarks.md): idle CPU <= 2 % of one core and RSS <= 64 MiB with 1000 agents.
 It also counts the established TCP connections to the controller's port at the end (an
 agent holds one over HTTP/2).
 """
