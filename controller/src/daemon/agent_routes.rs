@@ -12,7 +12,7 @@ use fleet_common::wire::{Heartbeat, MAX_WAIT_SECS};
 use serde::Deserialize;
 
 use crate::daemon::publish::Publisher;
-use crate::daemon::router::{error, peer, Shared};
+use crate::daemon::router::{client_addr, error, Shared};
 
 #[derive(Deserialize)]
 pub(super) struct ManifestQuery {
@@ -98,7 +98,8 @@ pub(super) async fn bundle(State(st): State<Shared>, Path(sha): Path<String>) ->
 pub(super) async fn heartbeat(State(st): State<Shared>, req: Request) -> Response {
     use crate::daemon::nodes::validate::MAX_HEARTBEAT_BYTES;
     use crate::daemon::nodes::Refusal;
-    let addr = peer(&req);
+    // Behind the nginx front, the node's own address (X-Real-IP from a trusted proxy).
+    let addr = client_addr(&st, &req);
     let body = match axum::body::to_bytes(req.into_body(), MAX_HEARTBEAT_BYTES).await {
         Ok(b) => b,
         Err(_) => {

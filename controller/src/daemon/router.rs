@@ -131,6 +131,18 @@ fn credentials(st: &AppState, req: &Request) -> (Option<String>, IpAddr) {
     (authz, client)
 }
 
+/// The address a request comes from, for display: the TCP peer, or the client a trusted proxy
+/// named in `X-Real-IP` (its port unknown, so 0).
+pub(super) fn client_addr(st: &AppState, req: &Request) -> SocketAddr {
+    let (_, client) = credentials(st, req);
+    let p = peer(req);
+    if client == p.ip() {
+        p
+    } else {
+        SocketAddr::new(client, 0)
+    }
+}
+
 async fn require(State((st, role)): State<(Shared, Role)>, req: Request, next: Next) -> Response {
     let (authz, client) = credentials(&st, &req);
     match st.auth.check(authz.as_deref(), client, role).await {
