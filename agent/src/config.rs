@@ -116,7 +116,7 @@ fn default_crash_loop_exits() -> u32 {
     3
 }
 fn default_poll_wait_s() -> u64 {
-    30
+    60
 }
 fn default_poweroff() -> Vec<String> {
     vec!["systemctl".into(), "poweroff".into()]
