@@ -376,147 +376,200 @@ impl Ec2 {
     async fn launch_paced(&self, count: usize, progress: &ProgressBar) -> Result<Vec<NodeInfo>> {
         let cfg = &self.fleet.config.ec2;
         let subnets = self.preflight().await?;
-        let mut pools = Pools::new(&subnets, &cfg.instance_types);
-        let mut launched: Vec<NodeInfo> = vec![];
-        let mut throttles = 0u64;
-        let mut throttled_in_a_row = 0u32;
-        let mut capacity_errors: Vec<String> = vec![];
-        let mut token: Option<Inflight> = None;
+        let mut run = LaunchRun {
+            count,
+            pools: Pools::new(&subnets, &cfg.instance_types),
+            launched: vec![],
+            throttles: 0,
+            throttled_in_a_row: 0,
+            capacity_errors: vec![],
+            retry: None,
+        };
         loop {
-            let remaining = count - launched.len().min(count);
-            progress.set_position(launched.len() as u64);
-            let step = {
-                let mut l = self.limits.lock().unwrap();
-                match &token {
-                    // A throttled call is retried as it was, with its token, once the budget is back.
-                    Some(t) => {
-                        let now = Instant::now();
-                        let w = l
-                            .run_requests
-                            .wait_for(1.0, now)
-                            .max(l.run_instances.wait_for(t.count as f64, now));
-                        if w.is_zero() {
-                            Step::Launch {
-                                pool: usize::MAX,
-                                count: t.count,
-                            }
-                        } else {
-                            Step::Wait(w)
-                        }
-                    }
-                    None => next_batch(
-                        remaining,
-                        count,
-                        &mut pools,
-                        &mut l,
-                        cfg.max_batch,
-                        MIN_BATCH_WINDOW,
-                        Instant::now(),
-                    ),
-                }
-            };
-            match step {
+            progress.set_position(run.launched.len() as u64);
+            match self.next_step(&mut run) {
                 Step::Done => break,
                 Step::Exhausted => bail!(
                     "no EC2 capacity left in any pool ({} subnets × {} types) after launching {} of {count}: {}",
                     cfg.subnets.len(),
                     cfg.instance_types.len(),
-                    launched.len(),
-                    capacity_errors.join("; ")
+                    run.launched.len(),
+                    run.capacity_errors.join("; ")
                 ),
                 Step::Wait(w) => tokio::time::sleep(w.min(MAX_SLEEP)).await,
                 Step::Launch { pool, count: n } => {
-                    let inflight = match token.take() {
+                    let inflight = match run.retry.take() {
                         Some(t) => t,
                         None => {
-                            let p = pools.get(pool);
+                            let p = run.pools.get(pool);
                             Inflight { token: new_token(), subnet: p.subnet.clone(), instance_type: p.instance_type.clone(), count: n }
                         }
                     };
-                    {
-                        let now = Instant::now();
-                        let mut l = self.limits.lock().unwrap();
-                        l.run_requests.take(1.0, now);
-                        l.run_instances.take(inflight.count as f64, now);
-                    }
-                    let mut journal = self.read_journal();
-                    if !journal.iter().any(|j| j.token == inflight.token) {
-                        journal.push(inflight.clone());
-                        self.write_journal(&journal)?;
-                    }
-                    let result = match self.run_with_retries(&inflight).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // A definite refusal (quota, permissions...): this call launched
-                            // nothing, so it must not be replayed by the next run.
-                            journal.retain(|j| j.token != inflight.token);
-                            self.write_journal(&journal)?;
-                            return Err(e);
-                        }
-                    };
-                    let pool_idx = (0..pools.len()).find(|i| {
-                        let p = pools.get(*i);
-                        p.subnet == inflight.subnet && p.instance_type == inflight.instance_type
-                    });
-                    match result {
-                        Ok(nodes) => {
-                            journal.retain(|j| j.token != inflight.token);
-                            self.write_journal(&journal)?;
-                            let got = nodes.len();
-                            if got < inflight.count {
-                                // Partial: the pool or our budget was short. Give back what was
-                                // not used, assume the bucket is empty, and try other subnets.
-                                let now = Instant::now();
-                                let mut l = self.limits.lock().unwrap();
-                                l.run_instances.give_back((inflight.count - got) as f64, now);
-                                l.run_instances.observed_empty(now);
-                                log!("partial fulfilment: {got} of {} {} in {}", inflight.count, inflight.instance_type, inflight.subnet);
-                            }
-                            launched.extend(nodes);
-                            throttled_in_a_row = 0;
-                        }
-                        Err(Failure::Throttled) => {
-                            throttles += 1;
-                            throttled_in_a_row += 1;
-                            if throttled_in_a_row > THROTTLE_LIMIT {
-                                bail!(
-                                    "EC2 kept answering RequestLimitExceeded ({THROTTLE_LIMIT} times in a row) after launching {} of {count}; another tool may be using the account's RunInstances budget: run `fleet scale` again later",
-                                    launched.len()
-                                );
-                            }
-                            let now = Instant::now();
-                            let mut l = self.limits.lock().unwrap();
-                            l.run_requests.throttled(now);
-                            l.run_instances.throttled(now);
-                            // Nothing was launched: retry the same call with the same token.
-                            token = Some(inflight);
-                        }
-                        Err(Failure::Capacity) => {
-                            journal.retain(|j| j.token != inflight.token);
-                            self.write_journal(&journal)?;
-                            let now = Instant::now();
-                            {
-                                let mut l = self.limits.lock().unwrap();
-                                l.run_instances.give_back(inflight.count as f64, now);
-                            }
-                            if let Some(i) = pool_idx {
-                                pools.bench(i, now);
-                            }
-                            let what = format!("{} in {}", inflight.instance_type, inflight.subnet);
-                            log!("no capacity for {what}; moving to other pools");
-                            capacity_errors.push(what);
-                        }
-                        Err(f) => bail!("RunInstances: {f:?}"),
-                    }
+                    let result = self.launch_journaled(&inflight).await?;
+                    self.take_result(&mut run, inflight, result)?;
                 }
             }
         }
-        progress.set_position(launched.len() as u64);
-        if throttles > 0 {
-            log!("RunInstances was throttled {throttles} times; the launcher slowed down and retried");
+        progress.set_position(run.launched.len() as u64);
+        if run.throttles > 0 {
+            log!(
+                "RunInstances was throttled {} times; the launcher slowed down and retried",
+                run.throttles
+            );
         }
-        Ok(launched)
+        Ok(run.launched)
     }
+
+    /// What the paced launch does next: a throttled call is retried as it was, with its token,
+    /// once the budget is back; otherwise the launcher plans the next batch.
+    fn next_step(&self, run: &mut LaunchRun) -> Step {
+        let remaining = run.count - run.launched.len().min(run.count);
+        let mut l = self.limits.lock().unwrap();
+        match &run.retry {
+            Some(t) => {
+                let now = Instant::now();
+                let w = l
+                    .run_requests
+                    .wait_for(1.0, now)
+                    .max(l.run_instances.wait_for(t.count as f64, now));
+                if w.is_zero() {
+                    Step::Launch {
+                        pool: usize::MAX,
+                        count: t.count,
+                    }
+                } else {
+                    Step::Wait(w)
+                }
+            }
+            None => next_batch(
+                remaining,
+                run.count,
+                &mut run.pools,
+                &mut l,
+                self.fleet.config.ec2.max_batch,
+                MIN_BATCH_WINDOW,
+                Instant::now(),
+            ),
+        }
+    }
+
+    /// One RunInstances call: its budget taken, its token journaled before the call (so a
+    /// crashed run replays it instead of launching again), and dropped from the journal when the
+    /// call is a definite refusal (it launched nothing and must not be replayed).
+    async fn launch_journaled(
+        &self,
+        inflight: &Inflight,
+    ) -> Result<std::result::Result<Vec<NodeInfo>, Failure>> {
+        {
+            let now = Instant::now();
+            let mut l = self.limits.lock().unwrap();
+            l.run_requests.take(1.0, now);
+            l.run_instances.take(inflight.count as f64, now);
+        }
+        let mut journal = self.read_journal();
+        if !journal.iter().any(|j| j.token == inflight.token) {
+            journal.push(inflight.clone());
+            self.write_journal(&journal)?;
+        }
+        match self.run_with_retries(inflight).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.forget_token(&inflight.token)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn forget_token(&self, token: &str) -> Result<()> {
+        let mut journal = self.read_journal();
+        journal.retain(|j| j.token != token);
+        self.write_journal(&journal)
+    }
+
+    /// Books the outcome of one call: launched nodes (a partial fulfilment gives the unused
+    /// budget back and marks the bucket empty), a throttle (the same call again later, same
+    /// token), or no capacity (that pool is benched, other pools are tried).
+    fn take_result(
+        &self,
+        run: &mut LaunchRun,
+        inflight: Inflight,
+        result: std::result::Result<Vec<NodeInfo>, Failure>,
+    ) -> Result<()> {
+        match result {
+            Ok(nodes) => {
+                self.forget_token(&inflight.token)?;
+                let got = nodes.len();
+                if got < inflight.count {
+                    // Partial: the pool or our budget was short. Give back what was not used,
+                    // assume the bucket is empty, and try other subnets.
+                    let now = Instant::now();
+                    let mut l = self.limits.lock().unwrap();
+                    l.run_instances
+                        .give_back((inflight.count - got) as f64, now);
+                    l.run_instances.observed_empty(now);
+                    log!(
+                        "partial fulfilment: {got} of {} {} in {}",
+                        inflight.count,
+                        inflight.instance_type,
+                        inflight.subnet
+                    );
+                }
+                run.launched.extend(nodes);
+                run.throttled_in_a_row = 0;
+            }
+            Err(Failure::Throttled) => {
+                run.throttles += 1;
+                run.throttled_in_a_row += 1;
+                if run.throttled_in_a_row > THROTTLE_LIMIT {
+                    bail!(
+                        "EC2 kept answering RequestLimitExceeded ({THROTTLE_LIMIT} times in a row) after launching {} of {}; another tool may be using the account's RunInstances budget: run `fleet scale` again later",
+                        run.launched.len(),
+                        run.count
+                    );
+                }
+                let now = Instant::now();
+                let mut l = self.limits.lock().unwrap();
+                l.run_requests.throttled(now);
+                l.run_instances.throttled(now);
+                // Nothing was launched: retry the same call with the same token.
+                run.retry = Some(inflight);
+            }
+            Err(Failure::Capacity) => {
+                self.forget_token(&inflight.token)?;
+                let now = Instant::now();
+                self.limits
+                    .lock()
+                    .unwrap()
+                    .run_instances
+                    .give_back(inflight.count as f64, now);
+                let pool_idx = (0..run.pools.len()).find(|i| {
+                    let p = run.pools.get(*i);
+                    p.subnet == inflight.subnet && p.instance_type == inflight.instance_type
+                });
+                if let Some(i) = pool_idx {
+                    run.pools.bench(i, now);
+                }
+                let what = format!("{} in {}", inflight.instance_type, inflight.subnet);
+                log!("no capacity for {what}; moving to other pools");
+                run.capacity_errors.push(what);
+            }
+            Err(f) => bail!("RunInstances: {f:?}"),
+        }
+        Ok(())
+    }
+}
+
+/// The state of one paced launch of `count` instances.
+struct LaunchRun {
+    count: usize,
+    pools: Pools,
+    launched: Vec<NodeInfo>,
+    throttles: u64,
+    throttled_in_a_row: u32,
+    /// Why pools were benched, for the error when none is left.
+    capacity_errors: Vec<String>,
+    /// A throttled call, to be made again with its own token.
+    retry: Option<Inflight>,
 }
 
 impl Backend for Ec2 {
