@@ -233,10 +233,9 @@ enum Next {
     Signal(&'static str),
 }
 
-/// Runs the agent until SIGTERM/SIGINT (exit 0), its max lifetime (power-off), or a fatal
-/// error.
-pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
-    let cfg = Arc::new(cfg);
+/// The client, the on-disk store and the last good release (a corrupt or tampered state is
+/// logged and ignored), checked before anything runs.
+fn open(cfg: &Config) -> Result<(Client, Arc<Store>, Option<crate::store::Release>), AgentError> {
     let ca = cfg.ca_pem().map_err(AgentError::Config)?;
     let token = cfg.token().map_err(AgentError::Config)?;
     let client = Client::new(&cfg.controller, &ca, Some(&format!("Bearer {token}")))?;
@@ -254,29 +253,41 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
             None
         }
     };
-    log!(
-        "node {} following {} (state in {})",
-        node_id,
-        cfg.controller,
-        cfg.state_dir.display()
-    );
+    Ok((client, store, last_good))
+}
 
+/// The state machine's settings from the config; the max lifetime ends at an instant computed
+/// once, now.
+fn settings(cfg: &Config, node_id: &str) -> Settings {
     let lifetime_end = cfg.max_lifetime_s.map(|s| {
         let max = Duration::from_secs(s);
         Instant::now() + machine::lifetime_left(max, &cfg.backend, procfs::node_uptime())
     });
-    let settings = Settings {
-        node_id: node_id.clone(),
+    Settings {
+        node_id: node_id.to_string(),
         backend: cfg.backend.clone(),
         workers: cfg.worker_count(),
         join_grace: Duration::from_millis(cfg.join_grace_ms),
         stable: Duration::from_millis(cfg.stable_ms),
         crash_loop_exits: cfg.crash_loop_exits,
         lifetime_end,
-    };
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT (exit 0), its max lifetime (power-off), or a fatal
+/// error.
+pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let (client, store, last_good) = open(&cfg)?;
+    log!(
+        "node {} following {} (state in {})",
+        node_id,
+        cfg.controller,
+        cfg.state_dir.display()
+    );
     let floor = last_good.as_ref().map(|r| r.manifest.sequence);
     let now = Instant::now();
-    let (mut machine, fx) = Machine::start(settings, last_good, now);
+    let (mut machine, fx) = Machine::start(settings(&cfg, &node_id), last_good, now);
 
     let (workers_tx, mut workers_rx) = mpsc::unbounded_channel();
     let (poll_tx, mut poll_rx) = mpsc::unbounded_channel::<Poll>();
