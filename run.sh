@@ -47,6 +47,13 @@ setup() {
         as_root apt-get update
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx
     fi
+    # xmllint (Debian's libxml2-utils) checks `fleet run --junit` files against
+    # tests/support/junit.xsd (tests/tests/run.rs).
+    if ! command -v xmllint >/dev/null 2>&1; then
+        echo "setup: installing libxml2-utils"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y libxml2-utils
+    fi
     # Debian's Chromium and playwright-core (pinned in tests/browser/package-lock.json) for the
     # browser tests in tests/browser/. Never let a tool download its own browser.
     if [ ! -x /usr/bin/chromium ]; then

@@ -43,6 +43,17 @@ pub struct FleetConfig {
     pub scale: ScaleConfig,
     #[serde(default)]
     pub nginx: NginxConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// Defaults for `fleet run` (docs/run.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Thresholds that fail a run, in `--fail-on`'s syntax; `--fail-on` replaces them.
+    #[serde(default)]
+    pub fail_on: Vec<String>,
 }
 
 /// The optional nginx front that `fleet nginx` renders (docs/nginx.md). Every field is optional;

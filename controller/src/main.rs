@@ -12,6 +12,6 @@ fn main() {
     if let Err(e) = rt.block_on(fleet::cli::run(cli)) {
         // One line: the error and its causes joined.
         eprintln!("fleet: {}", format!("{e:#}").replace('\n', " "));
-        std::process::exit(1);
+        std::process::exit(fleet::cli::exit_code(&e));
     }
 }

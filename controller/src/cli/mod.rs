@@ -64,6 +64,15 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
+/// The process's exit code for a command's error: [`run::THRESHOLDS_FAILED`] for a run that
+/// broke a threshold, else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<run::ThresholdsFailed>() {
+        Some(_) => run::THRESHOLDS_FAILED,
+        None => 1,
+    }
+}
+
 /// Runs one command and prints its result.
 pub async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
@@ -86,7 +95,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Status(a) => print(out, &a.run(&fleet).await?),
         Cmd::Swarm(a) => print(out, &a.run(&fleet).await?),
         Cmd::Stop => print(out, &swarm::stop(&fleet).await?),
-        Cmd::Run(a) => print(out, &a.run(&fleet, out).await?),
+        Cmd::Run(a) => {
+            let report = a.run(&fleet, out).await?;
+            print(out, &report)?;
+            report.gate()
+        }
         Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) => unreachable!("handled above"),
     }
 }

@@ -118,8 +118,131 @@ pub(super) fn history_window(csv: &str, from: u64, to: u64) -> (String, usize, b
 
 /// The `Request Count` of the Aggregated row of Locust's `/stats/requests/csv`.
 pub(super) fn csv_requests(csv: &str) -> Option<u64> {
-    let row = csv.lines().find(|l| l.starts_with(",Aggregated,"))?;
-    row.split(',').nth(2)?.parse().ok()
+    endpoints(csv)
+        .ok()?
+        .into_iter()
+        .find(|e| e.is_aggregated())
+        .map(|e| e.requests)
+}
+
+/// The name of the row that sums every request.
+pub(super) const AGGREGATED: &str = "Aggregated";
+
+/// One row of `stats.csv` (`/stats/requests/csv`, locust 2.47 column names): a request name,
+/// or the Aggregated row. Times are in ms; `None` where Locust writes `N/A` or nothing (no
+/// requests).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Endpoint {
+    /// `Type`: the request's method, empty for the Aggregated row.
+    pub(super) method: String,
+    pub(super) name: String,
+    pub(super) requests: u64,
+    pub(super) failures: u64,
+    pub(super) rps: f64,
+    pub(super) median: Option<f64>,
+    pub(super) avg: Option<f64>,
+    pub(super) min: Option<f64>,
+    pub(super) max: Option<f64>,
+    /// The percentile columns by number: `("95", Some(500.0))` from the `95%` column.
+    pub(super) percentiles: Vec<(String, Option<f64>)>,
+}
+
+impl Endpoint {
+    pub(super) fn is_aggregated(&self) -> bool {
+        self.method.is_empty() && self.name == AGGREGATED
+    }
+
+    /// `GET /login`, or `Aggregated`.
+    pub(super) fn label(&self) -> String {
+        match self.method.is_empty() {
+            true => self.name.clone(),
+            false => format!("{} {}", self.method, self.name),
+        }
+    }
+
+    pub(super) fn percentile(&self, p: &str) -> Option<f64> {
+        self.percentiles
+            .iter()
+            .find(|(k, _)| k == p)
+            .and_then(|(_, v)| *v)
+    }
+}
+
+/// The records of a CSV text (RFC 4180: quoted fields may hold commas, quotes doubled, and
+/// newlines), as Python's `csv` module writes them.
+fn csv_records(text: &str) -> Vec<Vec<String>> {
+    let mut records = vec![];
+    let mut record = vec![];
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    if !field.is_empty() || !record.is_empty() {
+        record.push(field);
+        records.push(record);
+    }
+    records
+}
+
+/// The rows of `stats.csv`, columns found by their header names.
+pub(super) fn endpoints(csv: &str) -> Result<Vec<Endpoint>> {
+    let mut records = csv_records(csv).into_iter();
+    let header = records
+        .next()
+        .ok_or_else(|| anyhow!("stats.csv is empty"))?;
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (Some(ty), Some(name)) = (col("Type"), col("Name")) else {
+        return Err(anyhow!(
+            "stats.csv has no Type and Name columns; is the master a Locust 2.x?"
+        ));
+    };
+    let percentiles: Vec<(String, usize)> = header
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| Some((h.strip_suffix('%')?.to_string(), i)))
+        .collect();
+    let number = |r: &[String], c: Option<usize>| -> Option<f64> {
+        r.get(c?)?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+    };
+    Ok(records
+        .filter(|r| r.len() > name)
+        .map(|r| Endpoint {
+            method: r[ty].clone(),
+            name: r[name].clone(),
+            requests: number(&r, col("Request Count")).unwrap_or(0.0) as u64,
+            failures: number(&r, col("Failure Count")).unwrap_or(0.0) as u64,
+            rps: number(&r, col("Requests/s")).unwrap_or(0.0),
+            median: number(&r, col("Median Response Time")),
+            avg: number(&r, col("Average Response Time")),
+            min: number(&r, col("Min Response Time")),
+            max: number(&r, col("Max Response Time")),
+            percentiles: percentiles
+                .iter()
+                .map(|(p, i)| (p.clone(), number(&r, Some(*i))))
+                .collect(),
+        })
+        .collect())
 }
 
 /// `running 6/6 users, 12.3 rps, 0.00% fail, 2 workers`. Locust's `current_rps` (its last
@@ -174,6 +297,46 @@ mod tests {
             Some(1_795_567_370)
         );
         assert_eq!(http_date("yesterday"), None);
+    }
+
+    /// A `stats.csv` as locust 2.47 writes it, with a name that needs quoting.
+    const STATS_CSV: &str = "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%\r\n\
+        GET,/a,45,0,2,2.5,1,9,10.0,10.3,0.0,2,3,3,3,4,4,6,9,9,9,9\r\n\
+        GET,\"/b,\"\"c\"\"\",0,0,0,0.0,,0,0.0,0.0,0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A\r\n\
+        ,Aggregated,88,43,2,2.7,1,12,10.0,20.29,9.9,2,3,3,4,5,5,6,6,12,12,12\r\n";
+
+    #[test]
+    fn stats_csv_rows() {
+        let rows = endpoints(STATS_CSV).unwrap();
+        assert_eq!(rows.len(), 3);
+        let a = &rows[0];
+        assert_eq!(
+            (a.label(), a.requests, a.failures),
+            ("GET /a".into(), 45, 0)
+        );
+        assert_eq!(
+            (a.median, a.avg, a.min, a.max),
+            (Some(2.0), Some(2.5), Some(1.0), Some(9.0))
+        );
+        assert_eq!(
+            (a.percentile("90"), a.percentile("99.9")),
+            (Some(4.0), Some(9.0))
+        );
+        assert_eq!(rows[1].name, "/b,\"c\"");
+        assert_eq!((rows[1].min, rows[1].percentile("95")), (None, None));
+        let agg = &rows[2];
+        assert!(agg.is_aggregated() && !a.is_aggregated());
+        assert_eq!(
+            (agg.label(), agg.rps, agg.percentile("100")),
+            ("Aggregated".into(), 20.29, Some(12.0))
+        );
+        assert_eq!(csv_requests(STATS_CSV), Some(88));
+        assert!(endpoints("").is_err());
+        assert!(endpoints("a,b\n1,2\n").is_err());
+        assert_eq!(
+            csv_records("x,\"y\nz\"\n"),
+            [vec!["x".to_string(), "y\nz".into()]]
+        );
     }
 
     #[test]

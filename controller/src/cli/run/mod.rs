@@ -11,15 +11,19 @@
 //! 4. fetch `/locust/stats/requests` once (saved as `stats.json`; the summary's numbers come
 //!    from its `Aggregated` row), `/api/nodes` and `/api/spec`, then `POST /api/stop`;
 //! 5. collect Locust's CSVs, its full stats history (cut to the run's time window) and its
-//!    HTML report, and write `summary.json` and `summary.md`.
+//!    HTML report, judge the thresholds on `stats.csv`, and write `summary.json` and
+//!    `summary.md`.
 //!
 //! A matrix repeats this for every node count (scaled with the chosen backend, as `fleet
 //! scale` does) and user count, one directory per run, plus `matrix.csv` and `matrix.md`.
-//! See docs/run.md.
+//! With `--junit FILE` the thresholds' verdicts are also written as JUnit XML after every run;
+//! a broken threshold makes the command fail with [`THRESHOLDS_FAILED`]. See docs/run.md.
 
+mod junit;
 mod locust;
 mod report;
 mod runner;
+mod threshold;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,7 @@ use serde::Serialize;
 pub use self::report::Summary;
 use self::report::{matrix_csv, matrix_md, num, run_dir_name, summary_md, write};
 use self::runner::{fresh, Runner};
+use self::threshold::Threshold;
 use super::api::Api;
 use super::backends::BackendArg;
 use super::render::Output;
@@ -42,6 +47,10 @@ use crate::config::Fleet;
 /// Locust caches `/stats/requests` for 2 s (docs/locust.md). A shorter run could be
 /// summarised from an answer computed before its stats reset.
 pub const MIN_DURATION: Duration = Duration::from_secs(3);
+
+/// The exit code of a run that broke a threshold (k6 uses the same), so CI can tell a failed
+/// gate from a run that could not be made (1).
+pub const THRESHOLDS_FAILED: i32 = 99;
 
 /// Run a test (or a matrix of tests) and write its reports: Locust's CSVs and HTML, summary.md/json.
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +77,14 @@ pub struct RunArgs {
     /// Seconds to wait for the agents to check in after scaling.
     #[arg(long, default_value_t = 120)]
     wait: u64,
+    /// Fail the run (exit 99) when this holds at the end, e.g. 'p95>500ms', 'failure_rate>1%',
+    /// 'rps<100', 'GET /login: p99>1s'. Repeatable; replaces `[run] fail_on` of fleet.toml.
+    #[arg(long = "fail-on", value_name = "THRESHOLD")]
+    fail_on: Vec<String>,
+    /// Write the thresholds' verdicts as JUnit XML to this file (one test case per threshold
+    /// and run).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -95,6 +112,9 @@ pub struct RunPlan {
     pub out: PathBuf,
     /// How long scaling waits for the agents to check in.
     pub wait: Duration,
+    /// Judged after every run; any broken one fails the command.
+    pub thresholds: Vec<Threshold>,
+    pub junit: Option<PathBuf>,
 }
 
 impl RunPlan {
@@ -129,6 +149,14 @@ impl RunPlan {
             }
             nodes.push(n);
         }
+        let thresholds = match a.fail_on.is_empty() {
+            false => Threshold::parse_all(&a.fail_on).map_err(|e| anyhow!("--fail-on {e}"))?,
+            true => Threshold::parse_all(&fleet.config.run.fail_on)
+                .map_err(|e| anyhow!("fleet.toml: [run] fail_on {e}"))?,
+        };
+        if a.junit.is_some() && thresholds.is_empty() {
+            bail!("--junit writes one test case per threshold: give at least one with --fail-on (or [run] fail_on in fleet.toml)");
+        }
         let out = match &a.out {
             Some(o) => o.clone(),
             None => default_out(&fleet.dir.join("results"), SystemTime::now()),
@@ -141,6 +169,8 @@ impl RunPlan {
             duration: a.duration,
             out,
             wait: Duration::from_secs(a.wait),
+            thresholds,
+            junit: a.junit.clone(),
         })
     }
 
@@ -188,6 +218,62 @@ pub enum RunReport {
     One(Box<Summary>),
     Matrix { dir: PathBuf, runs: Vec<Summary> },
 }
+
+impl RunReport {
+    fn runs(&self) -> &[Summary] {
+        match self {
+            RunReport::One(s) => std::slice::from_ref(s.as_ref()),
+            RunReport::Matrix { runs, .. } => runs,
+        }
+    }
+
+    /// `Err(ThresholdsFailed)` when a run broke a threshold.
+    pub fn gate(&self) -> Result<()> {
+        let broken: Vec<String> = self
+            .runs()
+            .iter()
+            .flat_map(|r| {
+                let cell = match self {
+                    RunReport::Matrix { .. } => format!("{}: ", run_dir_name(r.nodes, r.users)),
+                    RunReport::One(_) => String::new(),
+                };
+                r.broken()
+                    .map(move |v| format!("{cell}{} ({})", v.threshold, v.detail()))
+            })
+            .collect();
+        if broken.is_empty() {
+            return Ok(());
+        }
+        let total: usize = self.runs().iter().map(|r| r.thresholds.len()).sum();
+        let report = match self {
+            RunReport::One(s) => s.dir.join("summary.md"),
+            RunReport::Matrix { dir, .. } => dir.join("matrix.md"),
+        };
+        Err(ThresholdsFailed {
+            line: format!(
+                "{} of {total} threshold checks failed: {}; see {}",
+                broken.len(),
+                broken.join("; "),
+                report.display()
+            ),
+        }
+        .into())
+    }
+}
+
+/// A run that was made but broke a threshold: the command exits [`THRESHOLDS_FAILED`].
+#[derive(Debug)]
+pub struct ThresholdsFailed {
+    line: String,
+}
+
+impl fmt::Display for ThresholdsFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+impl std::error::Error for ThresholdsFailed {}
 
 impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -287,12 +373,20 @@ async fn run_plan(runner: &Runner<'_>, backend: Option<&AnyBackend>) -> Result<R
             }
             if runner.output == Output::Text {
                 println!("{}", run_line(&s, &dir));
+                for v in &s.thresholds {
+                    println!("  {v}");
+                }
             }
             runs.push(s);
             if plan.matrix {
                 // Written after every run, so an interrupted matrix keeps what it measured.
                 write(&plan.out, "matrix.csv", matrix_csv(&runs))?;
                 write(&plan.out, "matrix.md", matrix_md(plan, &runs))?;
+            }
+            if let Some(file) = &plan.junit {
+                let xml = junit::junit_xml(&runs, plan.matrix);
+                std::fs::write(file, xml)
+                    .with_context(|| format!("cannot write the JUnit file {}", file.display()))?;
             }
         }
     }
@@ -334,6 +428,96 @@ mod tests {
         assert!(parse_matrix("nodes=1,2").is_err());
         assert!(parse_matrix("users=").is_err());
         assert!(parse_matrix("users=1,x").is_err());
+    }
+
+    fn plan(run_section: &str, args: &[&str]) -> Result<RunPlan> {
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let toml = format!(
+            "name = \"x\"\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n{run_section}"
+        );
+        let fleet = Fleet {
+            dir: PathBuf::from("/f"),
+            config: toml::from_str(&toml)?,
+        };
+        let mut argv = vec!["run", "--users", "2", "--duration", "5s", "--out", "/o"];
+        argv.extend_from_slice(args);
+        let cmd = <Cmd as clap::Parser>::try_parse_from(argv)?;
+        RunPlan::new(&fleet, &cmd.run)
+    }
+
+    #[test]
+    fn thresholds_come_from_the_command_line_or_fleet_toml() {
+        let p = plan("", &["--fail-on", "p95>500ms", "--fail-on", "rps<100"]).unwrap();
+        assert_eq!(p.thresholds.len(), 2);
+        let toml = "[run]\nfail_on = [\"failure_rate>1%\"]\n";
+        let p = plan(toml, &[]).unwrap();
+        assert_eq!(p.thresholds[0].text, "failure_rate>1%");
+        // The command line replaces fleet.toml's list.
+        let p = plan(toml, &["--fail-on", "p99>1s", "--junit", "/j.xml"]).unwrap();
+        assert_eq!(p.thresholds.len(), 1);
+        assert_eq!(p.junit, Some(PathBuf::from("/j.xml")));
+        assert!(plan("", &[]).unwrap().thresholds.is_empty());
+    }
+
+    #[test]
+    fn bad_thresholds_are_refused_before_anything_runs() {
+        let e = plan("", &["--fail-on", "p95>500"]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--fail-on \"p95>500\": p95 takes a time with its unit, e.g. p95>500ms or p95>1.5s, not \"500\""
+        );
+        let e = plan("[run]\nfail_on = [\"rps<\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("fleet.toml: [run] fail_on \"rps<\": rps needs a number"),
+            "{e}"
+        );
+        let e = plan("", &["--junit", "/j.xml"]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--junit writes one test case per threshold"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_broken_threshold_exits_99_and_names_it() {
+        use self::locust::{Endpoint, AGGREGATED};
+        let mut s = report::tests::summary();
+        let agg = Endpoint {
+            method: String::new(),
+            name: AGGREGATED.into(),
+            requests: 88,
+            failures: 0,
+            rps: 20.29,
+            median: None,
+            avg: None,
+            min: None,
+            max: None,
+            percentiles: vec![],
+        };
+        let t = Threshold::parse_all(&["failures>0".into(), "rps<100".into()]).unwrap();
+        s.thresholds = threshold::evaluate(&t, &[agg]);
+        let e = RunReport::One(Box::new(s.clone())).gate().unwrap_err();
+        assert_eq!(crate::cli::exit_code(&e), THRESHOLDS_FAILED);
+        assert_eq!(
+            e.to_string(),
+            "1 of 2 threshold checks failed: rps<100 (rps 20.29 rps, fails when < 100 rps); see /r/summary.md"
+        );
+        let m = RunReport::Matrix {
+            dir: PathBuf::from("/m"),
+            runs: vec![s.clone(), s.clone()],
+        };
+        assert!(m.gate().unwrap_err().to_string().starts_with(
+            "2 of 4 threshold checks failed: nodes-2-users-4: rps<100 (rps 20.29 rps"
+        ));
+        s.thresholds.pop();
+        assert!(RunReport::One(Box::new(s)).gate().is_ok());
+        assert_eq!(crate::cli::exit_code(&anyhow!("unreachable")), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::threshold::Verdict;
 use super::RunPlan;
 
 /// What `summary.json` holds for one run. The load numbers are copied from the `Aggregated`
@@ -51,6 +52,16 @@ pub struct Summary {
     /// reports included): at least `requests`.
     pub requests_after_stop: Option<u64>,
     pub warnings: Vec<String>,
+    /// The verdict of each threshold (`--fail-on`, `[run] fail_on`), judged on `stats.csv`.
+    #[serde(default)]
+    pub thresholds: Vec<Verdict>,
+}
+
+impl Summary {
+    /// The thresholds this run broke.
+    pub fn broken(&self) -> impl Iterator<Item = &Verdict> {
+        self.thresholds.iter().filter(|v| !v.passed)
+    }
 }
 
 /// A number as the Markdown shows it: whole numbers bare, others with two decimals.
@@ -113,6 +124,27 @@ pub(super) fn summary_md(s: &Summary) -> String {
          `stats_history.csv` (Locust's full history cut to this run), `report.html` (Locust's \
          HTML report), `stats.json`, `summary.json`.\n",
     );
+    if !s.thresholds.is_empty() {
+        let failed = s.broken().count();
+        let _ = writeln!(
+            m,
+            "\n## Thresholds: {}\n\n{} of {} passed, judged on `stats.csv` (Locust's numbers after the stop).\n",
+            if failed == 0 { "passed" } else { "FAILED" },
+            s.thresholds.len() - failed,
+            s.thresholds.len()
+        );
+        m.push_str("| threshold | checked on | observed | result |\n|---|---|---|---|\n");
+        for v in &s.thresholds {
+            let _ = writeln!(
+                m,
+                "| `{}` | {} | {} | {} |",
+                v.threshold.replace('|', "\\|"),
+                v.endpoint.replace('|', "\\|"),
+                v.detail().replace('|', "\\|"),
+                if v.passed { "pass" } else { "**FAIL**" }
+            );
+        }
+    }
     if !s.warnings.is_empty() {
         m.push_str("\n## Warnings\n\n");
         for w in &s.warnings {
@@ -122,14 +154,23 @@ pub(super) fn summary_md(s: &Summary) -> String {
     m
 }
 
-const MATRIX_HEADER: &str = "nodes,users,workers,rps,p50_ms,p95_ms,p99_ms,failure_pct,requests";
+const MATRIX_HEADER: &str =
+    "nodes,users,workers,rps,p50_ms,p95_ms,p99_ms,failure_pct,requests,thresholds_failed";
+
+/// How many thresholds a run broke; empty when none were given.
+fn failed_count(r: &Summary) -> String {
+    match r.thresholds.is_empty() {
+        true => String::new(),
+        false => r.broken().count().to_string(),
+    }
+}
 
 pub(super) fn matrix_csv(runs: &[Summary]) -> String {
     let mut s = format!("{MATRIX_HEADER}\n");
     for r in runs {
         let _ = writeln!(
             s,
-            "{},{},{},{:.2},{},{},{},{:.2},{}",
+            "{},{},{},{:.2},{},{},{},{:.2},{},{}",
             r.nodes,
             r.users,
             r.workers,
@@ -138,7 +179,8 @@ pub(super) fn matrix_csv(runs: &[Summary]) -> String {
             num(r.p95_ms),
             num(r.p99_ms),
             r.failure_pct,
-            r.requests
+            r.requests,
+            failed_count(r)
         );
     }
     s
@@ -153,12 +195,12 @@ pub(super) fn matrix_md(plan: &RunPlan, runs: &[Summary]) -> String {
         humantime::format_duration(plan.duration),
         runs.len()
     );
-    m.push_str("| nodes | users | workers | RPS | p50 (ms) | p95 (ms) | p99 (ms) | failure % | requests | spec seq | results |\n");
-    m.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    m.push_str("| nodes | users | workers | RPS | p50 (ms) | p95 (ms) | p99 (ms) | failure % | requests | spec seq | thresholds failed | results |\n");
+    m.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in runs {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} | `{}` |",
+            "| {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} | {} | `{}` |",
             r.nodes,
             r.users,
             r.workers,
@@ -171,6 +213,10 @@ pub(super) fn matrix_md(plan: &RunPlan, runs: &[Summary]) -> String {
             r.spec_sequence
                 .map(|q| q.to_string())
                 .unwrap_or_else(|| "-".into()),
+            match failed_count(r).as_str() {
+                "" => "-".to_string(),
+                n => n.to_string(),
+            },
             run_dir_name(r.nodes, r.users)
         );
     }
@@ -188,6 +234,18 @@ pub(super) fn matrix_md(plan: &RunPlan, runs: &[Summary]) -> String {
             num(best.p95_ms),
             best.failure_pct
         );
+    }
+    let broken: Vec<&Summary> = runs
+        .iter()
+        .filter(|r| r.broken().next().is_some())
+        .collect();
+    if !broken.is_empty() {
+        m.push_str("\n## Broken thresholds\n\n");
+        for r in broken {
+            for v in r.broken() {
+                let _ = writeln!(m, "- nodes {} users {}: {v}", r.nodes, r.users);
+            }
+        }
     }
     let warned: Vec<&Summary> = runs.iter().filter(|r| !r.warnings.is_empty()).collect();
     if !warned.is_empty() {
@@ -215,14 +273,12 @@ pub(super) fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    #[test]
-    fn numbers_and_tables() {
-        assert_eq!(num(2.0), "2");
-        assert_eq!(num(2.345), "2.35");
-        let s = Summary {
+    /// A run's summary as the tests start from.
+    pub(in crate::cli::run) fn summary() -> Summary {
+        Summary {
             users: 4,
             spawn_rate: 4.0,
             duration_s: 8.0,
@@ -240,13 +296,21 @@ mod tests {
             spec_sha256: Some("ab".into()),
             spec_sequence: Some(1),
             master_epoch: 1,
-            started: "s".into(),
-            ended: "e".into(),
+            started: "2026-11-25T00:42:50Z".into(),
+            ended: "2026-11-25T00:42:58Z".into(),
             dir: PathBuf::from("/r"),
             history: true,
             requests_after_stop: Some(90),
             warnings: vec![],
-        };
+            thresholds: vec![],
+        }
+    }
+
+    #[test]
+    fn numbers_and_tables() {
+        assert_eq!(num(2.0), "2");
+        assert_eq!(num(2.345), "2.35");
+        let s = summary();
         let md = summary_md(&s);
         assert!(md.contains("| RPS | 20.29 |"), "{md}");
         assert!(md.contains("| requests | 88 |"));
@@ -254,8 +318,65 @@ mod tests {
         let csv = matrix_csv(&[s]);
         assert_eq!(
             csv.lines().nth(1),
-            Some("2,4,2,20.29,2,5,6,48.86,88"),
+            Some("2,4,2,20.29,2,5,6,48.86,88,"),
             "{csv}"
+        );
+        assert!(!md.contains("Thresholds"));
+    }
+
+    #[test]
+    fn thresholds_show_in_every_table() {
+        use crate::cli::run::locust::{Endpoint, AGGREGATED};
+        use crate::cli::run::threshold::{evaluate, Threshold};
+        let mut s = summary();
+        let agg = Endpoint {
+            method: String::new(),
+            name: AGGREGATED.into(),
+            requests: 88,
+            failures: 43,
+            rps: 20.29,
+            median: Some(2.0),
+            avg: None,
+            min: None,
+            max: None,
+            percentiles: vec![("95".into(), Some(5.0))],
+        };
+        let t = Threshold::parse_all(&["p95>500ms".into(), "rps<100".into()]).unwrap();
+        s.thresholds = evaluate(&t, &[agg]);
+        let md = summary_md(&s);
+        assert!(
+            md.contains("## Thresholds: FAILED\n\n1 of 2 passed"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `p95>500ms` | Aggregated | p95 5 ms, fails when > 500 ms | pass |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| `rps<100` | Aggregated | rps 20.29 rps, fails when < 100 rps | **FAIL** |"
+            ),
+            "{md}"
+        );
+        let csv = matrix_csv(std::slice::from_ref(&s));
+        assert!(csv.lines().nth(1).unwrap().ends_with(",88,1"), "{csv}");
+        let plan = RunPlan {
+            matrix: true,
+            users: vec![4],
+            nodes: vec![2],
+            spawn_rate: 4.0,
+            duration: Duration::from_secs(8),
+            out: PathBuf::from("/r"),
+            wait: Duration::ZERO,
+            thresholds: t,
+            junit: None,
+        };
+        let plan_md = matrix_md(&plan, &[s]);
+        assert!(plan_md.contains("| 1 | `nodes-2-users-4` |"), "{plan_md}");
+        assert!(
+            plan_md
+                .contains("- nodes 2 users 4: FAIL rps<100: rps 20.29 rps, fails when < 100 rps"),
+            "{plan_md}"
         );
     }
 }

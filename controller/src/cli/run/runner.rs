@@ -10,9 +10,11 @@ use fleet_common::wire::{routes, MasterView, NodeView, SpecView, SwarmRequest, W
 use hyper::Method;
 
 use super::locust::{
-    aggregated, csv_requests, history_window, live_message, server_time, Aggregated, Live,
+    aggregated, csv_requests, endpoints, history_window, live_message, server_time, Aggregated,
+    Live,
 };
 use super::report::{summary_md, write, Summary};
+use super::threshold::evaluate;
 use super::RunPlan;
 use crate::cli::api::{refused, Api, SMALL_LIMIT, TIMEOUT};
 use crate::cli::render::{self, Output};
@@ -121,9 +123,11 @@ impl Runner<'_> {
         let started = SystemTime::now();
         self.watch(users, label).await;
         let end = self.end(dir, from).await?;
-        let after_stop = std::fs::read_to_string(dir.join("stats.csv"))
-            .ok()
-            .and_then(|c| csv_requests(&c));
+        let stats_csv = std::fs::read_to_string(dir.join("stats.csv")).unwrap_or_default();
+        let after_stop = csv_requests(&stats_csv);
+        // The final numbers (every worker's last report in); unreadable: no rows, so every
+        // threshold fails and says so.
+        let rows = endpoints(&stats_csv).unwrap_or_default();
         let warnings = warnings(&master, &end, users, after_stop);
         let plan = self.plan;
         let summary = Summary {
@@ -150,6 +154,7 @@ impl Runner<'_> {
             history: end.history.is_none(),
             requests_after_stop: after_stop,
             warnings,
+            thresholds: evaluate(&plan.thresholds, &rows),
         };
         write(dir, "summary.json", serde_json::to_vec_pretty(&summary)?)?;
         write(dir, "summary.md", summary_md(&summary))?;
