@@ -24,8 +24,9 @@ One thread runs every worker: an epoll loop over the sockets' ZMQ descriptors an
 heap (ZMQ's own I/O thread moves the bytes). Each worker's decisions are `SimWorker` methods
 taking `now` and returning the messages to send, so they are tested without sockets.
 
-Stdout gets one JSON line per second: workers connected (acked), running, users, workers
-that saw the master's `spawning_complete`, heartbeat round trip (master's reply to a worker's
+Stdout gets one JSON line per second: workers connected (acked), running, users (and the
+wall-clock time they last changed), workers that saw the master's `spawning_complete` since
+their last `spawn` (and when the last of them did), heartbeat round trip (master's reply to a worker's
 heartbeat, ms: p50/p95/max over the last second), workers lost, messages sent and received
 by type, and the pool's own CPU seconds. Exits when every worker has quit.
 """
@@ -250,6 +251,8 @@ class Pool:
         self.rtts = []
         self.t0 = time.monotonic()
         self.all_ready_s = None
+        self.users = self.done = self.acked = 0
+        self.users_changed_at = self.all_done_at = None
 
     def connect(self, i):
         w = self.workers[i]
@@ -275,14 +278,18 @@ class Pool:
         self.socks[i] = None
 
     def send(self, i, msgs):
-        s = self.socks[i]
+        self.put(i, msgs)
+        self.after(i)
+
+    def put(self, i, msgs):
+        """Sends without blocking, as Locust's rpc does; a full queue counts as a send error."""
+        s, node_id = self.socks[i], self.workers[i].node_id
         for mtype, data in msgs:
             try:
-                s.send(msgpack.dumps((mtype, data, self.workers[i].node_id)), zmq.NOBLOCK)
+                s.send(msgpack.dumps((mtype, data, node_id)), zmq.NOBLOCK)
                 self.sent[mtype] += 1
             except zmq.Again:
                 self.send_errors += 1
-        self.after(i)
 
     def after(self, i):
         """Follows up on worker i: drains its socket (a send can swallow ZMQ's wake-up), swaps
@@ -308,29 +315,42 @@ class Pool:
         while s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             mtype, data, _ = msgpack.loads(s.recv(zmq.NOBLOCK), raw=False, strict_map_key=False)
             self.recv[mtype] += 1
+            users, done, acked = w.user_count, w.master_done, w.acked
             out = w.receive(mtype, data, time.monotonic())
-            if out:
-                for mt, d in out:
-                    s.send(msgpack.dumps((mt, d, w.node_id)), zmq.NOBLOCK)
-                    self.sent[mt] += 1
+            self.track(w, users, done, acked)
+            self.put(i, out)
             if w.reconnect or w.gone:
                 return
         if w.rtts:
             self.rtts += w.rtts
             w.rtts.clear()
 
+    def track(self, w, users, done, acked):
+        """Keeps the pool's totals and the times the bench reads: when every worker had its
+        `ack` (seconds from the first connect), when the users last changed and when the
+        master's `spawning_complete` had reached every worker (wall clock)."""
+        if w.acked and not acked:
+            self.acked += 1
+            if self.acked == len(self.workers) and self.all_ready_s is None:
+                self.all_ready_s = time.monotonic() - self.t0
+        if w.user_count != users:
+            self.users += w.user_count - users
+            self.users_changed_at = time.time()
+        if w.master_done != done:
+            self.done += 1 if w.master_done else -1
+            if self.done == len(self.workers):
+                self.all_done_at = time.time()
+
     def status(self, now):
         ws = self.workers
         acked = sum(1 for w in ws if w.acked and not w.gone)
-        if self.all_ready_s is None and acked == len(ws):
-            self.all_ready_s = now - self.t0
         r = sorted(self.rtts)
         self.rtts = []
         line = {
             "t": round(time.time(), 3), "workers": len(ws), "acked": acked,
             "running": sum(1 for w in ws if w.state == RUNNING and not w.gone),
-            "users": sum(w.user_count for w in ws),
-            "master_spawning_complete": sum(1 for w in ws if w.master_done),
+            "users": self.users, "users_changed_at": self.users_changed_at,
+            "master_spawning_complete": self.done, "all_master_spawning_complete_at": self.all_done_at,
             "hb_rtt_ms": {"n": len(r), "p50": ms(r, 50), "p95": ms(r, 95), "max": ms(r, 100)},
             "lost": collections.Counter(w.gone for w in ws if w.gone and w.gone != "quit"),
             "quit": sum(1 for w in ws if w.gone == "quit"),
@@ -362,8 +382,12 @@ class Pool:
                 if self.scheduled[i] != t:
                     continue
                 self.scheduled[i] = None
+                w = self.workers[i]
                 if self.socks[i] is not None:
-                    self.send(i, self.workers[i].due(now))
+                    users, done, acked = w.user_count, w.master_done, w.acked
+                    out = w.due(now)
+                    self.track(w, users, done, acked)
+                    self.send(i, out)
             if now >= next_status:
                 self.status(now)
                 next_status += 1.0
