@@ -188,3 +188,7 @@ for r in results:
     print(f"| {r['endpoints']} | {r['n']} | {r['ready_s']:.1f} | {r['dispatch_s']:.1f} | {r['cpu']:.0f} | {r['rss_mib']:.0f} | "
           f"{r['hb_p50']:.1f} | {r['hb_p95']:.1f} | {r['lost']} | {r['missing']} | {r['api_s']:.2f} | {r['pool_cpu']:.0f} | "
           f"{r['cpu'] / base['cpu']:.2f} | {r['hb_p95'] / base['hb_p95']:.2f} |")
+busy = [r for r in results if r["pool_cpu"] > 80]
+for r in busy:
+    print(f"note: the pool used {r['pool_cpu']:.0f} % of its core at {r['n']} workers, {r['endpoints']} endpoint(s): "
+          "that row may show the pool's limit rather than the master's")
