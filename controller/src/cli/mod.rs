@@ -8,6 +8,7 @@ mod backends;
 mod demo;
 mod down;
 mod init;
+mod master_exec;
 mod nginx;
 mod passwd;
 mod render;
@@ -62,6 +63,9 @@ enum Cmd {
     Run(run::RunArgs),
     Target(target::TargetArgs),
     Demo(demo::DemoArgs),
+    /// Start the Locust master confined (used by `fleet serve`).
+    #[command(hide = true)]
+    MasterExec(master_exec::MasterExecArgs),
 }
 
 /// Runs one command and prints its result.
@@ -73,6 +77,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Init(a) => return print(out, &a.run(&dir)?),
         Cmd::Target(a) => return a.run().await,
         Cmd::Demo(a) => return a.run(&dir).await,
+        Cmd::MasterExec(a) => return a.run(),
         cmd => cmd,
     };
     let fleet = Fleet::load(&dir)?;
@@ -87,6 +92,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Swarm(a) => print(out, &a.run(&fleet).await?),
         Cmd::Stop => print(out, &swarm::stop(&fleet).await?),
         Cmd::Run(a) => print(out, &a.run(&fleet, out).await?),
-        Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) => unreachable!("handled above"),
+        Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) | Cmd::MasterExec(_) => {
+            unreachable!("handled above")
+        }
     }
 }
