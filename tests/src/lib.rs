@@ -327,6 +327,16 @@ impl Fleet {
         self.spawn_serve(cmd);
     }
 
+    /// Starts `fleet serve` with these variables added to its environment.
+    pub fn start_serve_with_env(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(bin("fleet"));
+        cmd.arg("--dir")
+            .arg(self.path())
+            .arg("serve")
+            .envs(env.iter().copied());
+        self.spawn_serve(cmd);
+    }
+
     /// Starts `fleet serve` under open-files limits set by the shell first (`ulimit -Sn` for
     /// `soft`, `-Hn` for `hard`), as a login shell or a unit without `LimitNOFILE` would.
     pub fn start_serve_with_nofile(&mut self, soft: u64, hard: Option<u64>) {
