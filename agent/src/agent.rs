@@ -118,6 +118,8 @@ fn worker_cmds(cfg: &Config, node_id: &str, spec: &RunSpec) -> Vec<WorkerCmd> {
                     ("FLEET_BUNDLE_SHA256".into(), spec.sha.clone()),
                     ("FLEET_WORKER_INDEX".into(), i.to_string()),
                 ],
+                env_allow: cfg.worker_env_allow.clone(),
+                home: Some(cfg.state_dir.join("home")),
             }
         })
         .collect()

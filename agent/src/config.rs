@@ -56,6 +56,11 @@ pub struct Config {
     /// Replaces the whole worker command line. Placeholders: `{locustfile}`, `{bundle_dir}`,
     /// `{master_host}`, `{master_port}`, `{index}`. Used for stub workers in benchmarks.
     pub worker_command: Option<Vec<String>>,
+    /// Variables of the agent's environment the workers also get, by name or `PREFIX*`, on
+    /// top of `PATH`, `LANG`, `LC_*` and `TZ`. `AWS_*` and `FLEET_*` never pass
+    /// (docs/security.md, "The spec author's reach").
+    #[serde(default)]
+    pub worker_env_allow: Vec<String>,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
     /// Longest wait for a new worker to join the master (hold a connection to it) before the
@@ -206,6 +211,7 @@ const KEYS: &[&str] = &[
     "workers",
     "locust",
     "worker_command",
+    "worker_env_allow",
     "heartbeat_ms",
     "join_grace_ms",
     "stop_grace_ms",
@@ -373,6 +379,10 @@ impl Config {
         if self.poweroff_command.is_empty() {
             return Err("agent config: poweroff_command must not be empty".into());
         }
+        fleet_common::child_env::check_allow(
+            "agent config: worker_env_allow",
+            &self.worker_env_allow,
+        )?;
         Ok(())
     }
 
@@ -480,6 +490,10 @@ mod tests {
             .unwrap_err()
             .starts_with("user-data:"));
         assert!(flag_source(&["novalue".into()]).is_err());
+        let mut t = file();
+        t.insert("worker_env_allow".into(), vec!["FLEET_AGENT_TOKEN"].into());
+        let e = merge(&[t]).unwrap_err();
+        assert!(e.starts_with("agent config: worker_env_allow: "), "{e}");
     }
 
     #[test]

@@ -13,12 +13,14 @@
 //! new ones are at the master, however long a loaded machine takes to import Locust.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_common::child_env;
 use fleet_common::process::{signal_group, stop_child, Signal};
 use fleet_common::wire::{WorkerReport, WorkerState};
 use tokio::process::{Child, Command};
@@ -38,7 +40,14 @@ const JOIN_POLL: Duration = Duration::from_millis(100);
 pub struct WorkerCmd {
     pub argv: Vec<String>,
     pub cwd: PathBuf,
+    /// The worker's environment: these variables, on top of what [`child_env::inherited`]
+    /// lets through from the agent's own (nothing else of it: a token given to the agent by
+    /// env must not reach the spec).
     pub env: Vec<(String, String)>,
+    /// Names or `PREFIX*` of the agent's variables the worker also gets (`worker_env_allow`).
+    pub env_allow: Vec<String>,
+    /// The worker's `HOME`, made (0700) before the first start when missing.
+    pub home: Option<PathBuf>,
     /// The master's addresses: the worker has joined once it is connected to one of them.
     /// Empty: joined when the join grace has passed (stub workers).
     pub master: Vec<SocketAddr>,
@@ -109,10 +118,17 @@ fn spawn(cmd: &WorkerCmd) -> std::io::Result<Child> {
     let mut c = Command::new(&cmd.argv[0]);
     c.args(&cmd.argv[1..])
         .current_dir(&cmd.cwd)
-        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(false);
+        .env_clear()
+        .envs(child_env::inherited(std::env::vars_os(), &cmd.env_allow))
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)));
+    if let Some(home) = &cmd.home {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(home)?;
+        c.env("HOME", home);
+    }
+    c.stdin(Stdio::null()).process_group(0).kill_on_drop(false);
     c.spawn()
 }
 
@@ -283,6 +299,8 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: vec![],
+            env_allow: vec![],
+            home: None,
             master: vec![],
         }
     }
@@ -353,6 +371,52 @@ mod tests {
         assert!(!alive(grandchild), "grandchild survived");
     }
 
+    /// The worker sees the allowlist, the variables the agent sets and its own HOME, and
+    /// nothing else of the agent's environment (cargo sets `CARGO_*` for this test process).
+    #[tokio::test]
+    async fn a_worker_gets_a_cleared_environment_plus_the_allowlist() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let run = |env_allow: Vec<String>| {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let cmd = WorkerCmd {
+                env: vec![("FLEET_WORKER_INDEX".into(), "0".into())],
+                env_allow,
+                home: Some(dir.path().join("home")),
+                ..sh(&format!(
+                    "env > {0}.tmp; mv {0}.tmp {0}; exec sleep 60",
+                    out.display()
+                ))
+            };
+            WorkerSet::start(1, vec![cmd], timing(), tx)
+        };
+        let read = || async {
+            for _ in 0..100 {
+                if let Ok(s) = std::fs::read_to_string(&out) {
+                    std::fs::remove_file(&out).unwrap();
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("the worker wrote no environment");
+        };
+        let set = run(vec![]);
+        let env = read().await;
+        set.stop().await;
+        let home = format!("HOME={}", dir.path().join("home").display());
+        assert!(env.lines().any(|l| l == home), "{env}");
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+        assert!(env.lines().any(|l| l == "FLEET_WORKER_INDEX=0"), "{env}");
+        assert!(!env.contains("CARGO_"), "{env}");
+        assert!(dir.path().join("home").is_dir());
+        let set = run(vec!["CARGO_MANIFEST_*".into()]);
+        let env = read().await;
+        set.stop().await;
+        assert!(env.contains("CARGO_MANIFEST_DIR="), "{env}");
+        assert!(!env.contains("CARGO_PKG_NAME="), "{env}");
+    }
+
     #[tokio::test]
     async fn sigterm_is_enough_for_a_cooperative_worker() {
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -383,6 +447,8 @@ mod tests {
             ],
             cwd: std::env::temp_dir(),
             env: vec![],
+            env_allow: vec![],
+            home: None,
             master: vec![addr],
         };
         let silent = WorkerCmd {

@@ -239,6 +239,21 @@ pub struct MasterConfig {
     /// Extra arguments for the managed master.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Variables of the controller's environment the master also gets, by name or `PREFIX*`
+    /// (docs/security.md, "The spec author's reach"). `AWS_*` and `FLEET_*` never pass.
+    #[serde(default, deserialize_with = "crate::master::env_allow")]
+    pub env_allow: Vec<String>,
+    /// The account the master runs as when `fleet serve` runs as root.
+    #[serde(default = "default_master_user")]
+    pub user: String,
+    /// Keep the master out of the fleet's secrets (separate user, Landlock); `false` only
+    /// clears its environment.
+    #[serde(default = "yes")]
+    pub confine: bool,
+}
+
+fn default_master_user() -> String {
+    "nobody".into()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -41,7 +41,24 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The `locust` the tests run. As root, `fleet serve` runs the master as `nobody`
+/// (docs/security.md, "The spec author's reach"), so a Locust whose Python `nobody` cannot
+/// read (a pyenv under `/root`) is replaced by [`locust_for_nobody`].
 pub fn locust() -> PathBuf {
+    static LOCUST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LOCUST
+        .get_or_init(|| {
+            let p = project_locust();
+            if !nix::unistd::geteuid().is_root() || runs_as_nobody(&p) {
+                p
+            } else {
+                locust_for_nobody(&p)
+            }
+        })
+        .clone()
+}
+
+fn project_locust() -> PathBuf {
     let p = std::env::var_os("FLEET_TEST_LOCUST")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".venv/bin/locust"));
@@ -51,6 +68,87 @@ pub fn locust() -> PathBuf {
         p.display()
     );
     p
+}
+
+const NOBODY: u32 = 65534;
+
+fn runs_as_nobody(locust: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new(locust)
+        .arg("--version")
+        .env_clear()
+        .env("HOME", "/")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A virtualenv of the system's `python3` (readable by everyone) that imports the packages
+/// of `locust`'s own venv, in the target directory; made once. The two Pythons must share
+/// their minor version (the packages hold compiled extensions).
+pub fn locust_for_nobody(locust: &Path) -> PathBuf {
+    let dir = bin("fleet").parent().unwrap().join("locust-for-nobody");
+    let script = dir.join("bin/locust");
+    if script.is_file() && runs_as_nobody(&script) {
+        return script;
+    }
+    let py = |exe: &Path, code: &str| -> String {
+        let out = Command::new(exe)
+            .args(["-c", code])
+            .output()
+            .expect("python");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let venv_python = locust.parent().unwrap().join("python");
+    let system = Path::new("/usr/bin/python3");
+    let version = "import sys; print(sys.version_info[:2])";
+    assert_eq!(
+        py(&venv_python, version),
+        py(system, version),
+        "the tests run the Locust master as nobody, who cannot read {}'s Python; install the \
+         venv from /usr/bin/python3 (same minor version needed for this fallback)",
+        locust.display()
+    );
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ok = Command::new(system)
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&tmp)
+        .status()
+        .expect("python3 -m venv");
+    assert!(ok.success(), "python3 -m venv {}", tmp.display());
+    let purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])";
+    let site = py(&venv_python, purelib);
+    let tmp_python = tmp.join("bin/python");
+    let own_site = PathBuf::from(py(&tmp_python, purelib));
+    std::fs::write(own_site.join("fleet-tests.pth"), format!("{site}\n")).unwrap();
+    std::fs::write(
+        tmp.join("bin/locust"),
+        format!(
+            "#!{}\nimport sys\nfrom locust.main import main\nsys.exit(main())\n",
+            dir.join("bin/python").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tmp.join("bin/locust"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    // Another test binary may have made it meanwhile: either copy will do.
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(
+        runs_as_nobody(&script),
+        "{} does not run as nobody: is the target directory readable by others?",
+        script.display()
+    );
+    script
 }
 
 /// A port free right now on 127.0.0.1.
@@ -226,6 +324,16 @@ impl Fleet {
     pub fn start_serve(&mut self) {
         let mut cmd = Command::new(bin("fleet"));
         cmd.arg("--dir").arg(self.path()).arg("serve");
+        self.spawn_serve(cmd);
+    }
+
+    /// Starts `fleet serve` with these variables added to its environment.
+    pub fn start_serve_with_env(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(bin("fleet"));
+        cmd.arg("--dir")
+            .arg(self.path())
+            .arg("serve")
+            .envs(env.iter().copied());
         self.spawn_serve(cmd);
     }
 

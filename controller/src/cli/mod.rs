@@ -8,6 +8,7 @@ mod backends;
 mod demo;
 mod down;
 mod init;
+mod master_exec;
 mod nginx;
 mod passwd;
 mod render;
@@ -62,6 +63,9 @@ enum Cmd {
     Run(run::RunArgs),
     Target(target::TargetArgs),
     Demo(demo::DemoArgs),
+    /// Start the Locust master confined (used by `fleet serve`).
+    #[command(hide = true)]
+    MasterExec(master_exec::MasterExecArgs),
 }
 
 /// The process's exit code for a command's error: [`run::THRESHOLDS_FAILED`] for a run that
@@ -82,6 +86,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Init(a) => return print(out, &a.run(&dir)?),
         Cmd::Target(a) => return a.run().await,
         Cmd::Demo(a) => return a.run(&dir).await,
+        Cmd::MasterExec(a) => return a.run(),
         cmd => cmd,
     };
     let fleet = Fleet::load(&dir)?;
@@ -100,6 +105,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             print(out, &report)?;
             report.gate()
         }
-        Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) => unreachable!("handled above"),
+        Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) | Cmd::MasterExec(_) => {
+            unreachable!("handled above")
+        }
     }
 }

@@ -17,6 +17,7 @@
 
 mod api;
 mod classes;
+pub mod confine;
 mod keeper;
 mod supervisor;
 
@@ -56,6 +57,16 @@ pub enum MasterError {
     NoSupervisor,
     #[error("the Locust master's {task} ended unexpectedly ({how}); restart `fleet serve`")]
     TaskEnded { task: &'static str, how: String },
+    #[error("cannot confine the Locust master: {0}")]
+    Confine(String),
+}
+
+/// `master.env_allow`, checked as `fleet.toml` is read.
+pub fn env_allow<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    fleet_common::child_env::check_allow("master.env_allow", &v)
+        .map_err(serde::de::Error::custom)?;
+    Ok(v)
 }
 
 /// The master process as the supervisor last left it.
@@ -297,6 +308,9 @@ mod tests {
             managed,
             locust: locust.into(),
             web_url: nowhere(),
+            // These tests are about supervision; confinement has its own (confine.rs and
+            // the `reach` end-to-end test).
+            confine: false,
             ..MasterConfig::default()
         }
     }

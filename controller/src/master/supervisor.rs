@@ -17,12 +17,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_common::child_env;
 use fleet_common::process::{self, signal_group, Signal};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::classes::user_classes;
-use super::{MasterError, Shared};
+use super::{confine, MasterError, Shared};
 use crate::config::MasterConfig;
 
 /// Restart delays after the master exits on its own: doubled from the first up to the cap.
@@ -106,12 +107,13 @@ impl Backoff {
     }
 }
 
-/// The master's arguments (after the `locust` program) for the spec in `dir`.
+/// The master's arguments (after the `locust` program) for the spec in `dir`, with its CSV
+/// files at `csv` (a path prefix).
 pub fn master_args(
     cfg: &MasterConfig,
     locustfile: &str,
     dir: &Path,
-    state_dir: &Path,
+    csv: &Path,
 ) -> Result<Vec<OsString>, MasterError> {
     let bad_url = || MasterError::WebUrl(cfg.web_url.clone());
     let uri: hyper::Uri = cfg.web_url.parse().map_err(|_| bad_url())?;
@@ -139,15 +141,16 @@ pub fn master_args(
     }
     // `fleet run` saves the full stats history, which Locust serves
     // (`/stats/requests_full_history/csv`) only with `--csv` and `--csv-full-history`
-    // (docs/locust.md). The files sit in the state dir and are rewritten at each master start;
-    // the history grows by one row per request name per second while the master runs.
+    // (docs/locust.md). The files sit in the master's workspace (confine.rs) and are rewritten
+    // at each master start; the history grows by one row per request name per second while the
+    // master runs.
     let csv_given = cfg
         .args
         .iter()
         .any(|a| a == "--csv" || a.starts_with("--csv="));
     if !csv_given {
         a.push("--csv".into());
-        a.push(state_dir.join("locust-csv/run").into());
+        a.push(csv.into());
         a.push("--csv-full-history".into());
     }
     a.extend(cfg.args.iter().map(OsString::from));
@@ -363,14 +366,56 @@ impl Supervisor {
             .open(&log_path)
             .map_err(log_err)?;
         let stderr = log.try_clone().map_err(log_err)?;
-        tokio::process::Command::new(&self.cfg.locust)
-            .args(master_args(
-                &self.cfg,
-                &self.locustfile,
-                dir,
-                &self.state_dir,
-            )?)
-            .current_dir(dir)
+        let not_found = || MasterError::Spawn {
+            locust: self.cfg.locust.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        let path_var = std::env::var_os("PATH");
+        let locust = confine::which(&self.cfg.locust, path_var.as_ref()).ok_or_else(not_found)?;
+        let decision = confine::decide(self.cfg.confine, confine::Powers::current())?;
+        let user = match decision {
+            confine::Decision::User { .. } => Some(confine::lookup_user(&self.cfg.user)?),
+            _ => None,
+        };
+        let fleet_dir = self.state_dir.parent().unwrap_or(&self.state_dir);
+        let workspace = confine::Workspace::for_fleet(fleet_dir);
+        let ws = workspace.prepare(dir, user)?;
+        let inputs = confine::Inputs {
+            decision,
+            user: &self.cfg.user,
+            fleet_dir,
+            locust: &locust,
+            workspace: &workspace,
+        };
+        let args = master_args(&self.cfg, &self.locustfile, &ws.spec, &ws.csv)?;
+        let mut cmd = match confine::plan(&inputs, user)? {
+            confine::Mode::Off => {
+                let mut c = tokio::process::Command::new(&locust);
+                c.args(args);
+                c
+            }
+            confine::Mode::Confined(plan) => {
+                let exe = std::env::current_exe().map_err(|e| {
+                    MasterError::Confine(format!("cannot find the fleet binary: {e}"))
+                })?;
+                let mut c = tokio::process::Command::new(exe);
+                c.arg("master-exec")
+                    .arg("--plan")
+                    .arg(serde_json::to_string(&plan).expect("serialises"))
+                    .arg("--")
+                    .arg(&locust)
+                    .args(args);
+                c
+            }
+        };
+        cmd.current_dir(&ws.spec)
+            .env_clear()
+            .envs(child_env::inherited(
+                std::env::vars_os(),
+                &self.cfg.env_allow,
+            ))
+            .env("HOME", &ws.home)
+            .env("TMPDIR", &ws.tmp)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::null())
@@ -435,7 +480,7 @@ mod tests {
             cfg,
             "locustfile.py",
             Path::new("/spec"),
-            Path::new("/state"),
+            Path::new("/work/csv/run"),
         )
         .unwrap()
         .into_iter()
@@ -457,7 +502,7 @@ mod tests {
         let want = format!(
             "-f /spec/locustfile.py --master --master-bind-host {} --master-bind-port {} \
              --web-host 127.0.0.1 --web-port 8090 --enable-rebalancing --web-base-path /locust \
-             --csv /state/locust-csv/run --csv-full-history --loglevel DEBUG",
+             --csv /work/csv/run --csv-full-history --loglevel DEBUG",
             cfg.bind_host, cfg.port
         );
         assert_eq!(args(&cfg).join(" "), want);
