@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$PWD
 VENV=$ROOT/.venv
+# The Python that builds .venv. As root, `fleet serve` runs the Locust master as an unprivileged
+# user (docs/security.md, "The spec author's reach"), which must be able to run .venv's Python:
+# a Python under root's 0700 home (pyenv) is out of its reach, Debian's /usr/bin/python3 is not.
+PYTHON=python3
+if [ "$(id -u)" -eq 0 ] && [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; fi
 # Where cargo puts binaries; relative CARGO_TARGET_DIR is relative to the repo root.
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # The Locust version pinned in requirements.txt.
@@ -36,7 +41,7 @@ as_root() {
 }
 
 setup() {
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1; then
         echo "setup: installing python3-venv python3-pip"
         as_root apt-get update
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv python3-pip
@@ -77,9 +82,17 @@ setup() {
         as_root apt-get update
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y packer debootstrap systemd-container
     fi
+    # A .venv built by another Python (say, pyenv's before the master ran confined) is rebuilt.
+    local base
+    base=$("$PYTHON" -c 'import sys; print(sys.base_prefix)')
+    if [ -x "$VENV/bin/python" ] \
+        && [ "$("$VENV/bin/python" -c 'import sys; print(sys.base_prefix)' 2>/dev/null)" != "$base" ]; then
+        echo "setup: .venv was built by another Python than $PYTHON: rebuilding it"
+        rm -rf "$VENV"
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
-        echo "setup: creating .venv"
-        python3 -m venv "$VENV"
+        echo "setup: creating .venv ($PYTHON)"
+        "$PYTHON" -m venv "$VENV"
     fi
     if "$VENV/bin/locust" --version 2>/dev/null | grep -q "^locust $LOCUST_VERSION " \
         && [ -x "$VENV/bin/moto_server" ]; then
