@@ -246,7 +246,7 @@ fn open(cfg: &Config) -> Result<(Client, Arc<Store>, Option<crate::store::Releas
         }
     })?;
     let store = Arc::new(Store::new(&cfg.state_dir));
-    let last_good = match store.load_last_good(&cfg.verify_key()) {
+    let last_good = match store.load_last_good(&cfg.verify_key(), cfg.fleet.as_deref()) {
         Ok(r) => r,
         Err(e) => {
             log!("ignoring saved state: {e}");
@@ -279,8 +279,12 @@ fn settings(cfg: &Config, node_id: &str) -> Settings {
 pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
     let (client, store, last_good) = open(&cfg)?;
+    let fleet = match &cfg.fleet {
+        Some(f) => format!("fleet {f:?}"),
+        None => "any fleet (no `fleet` configured)".to_string(),
+    };
     log!(
-        "node {} following {} (state in {})",
+        "node {} following {} for {fleet} (state in {})",
         node_id,
         cfg.controller,
         cfg.state_dir.display()

@@ -174,6 +174,15 @@ async fn materialise(
     })
 }
 
+/// Whether a manifest whose signature verified is one to fetch: it must name this agent's fleet
+/// (when one is configured) and not go below the sequence `floor`; the floor's own sequence is
+/// already done (`false`).
+fn is_new(m: &Manifest, fleet: Option<&str>, floor: Option<u64>) -> Result<bool, ManifestError> {
+    manifest::check_fleet(m, fleet)?;
+    manifest::check_sequence(m, floor)?;
+    Ok(Some(m.sequence) != floor)
+}
+
 /// Capped exponential backoff with jitter for the poller's retries.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Backoff {
@@ -352,8 +361,7 @@ impl Poller {
         let refused = |e| Failure::Poll(PollError::RefusedManifest(e));
         let sig = r.header(SIGNATURE_HEADER).unwrap_or("").to_string();
         let m = self.vk.verify_b64(&r.body, &sig).map_err(refused)?;
-        manifest::check_sequence(&m, self.seen.floor).map_err(refused)?;
-        if Some(m.sequence) == self.seen.floor {
+        if !is_new(&m, self.cfg.fleet.as_deref(), self.seen.floor).map_err(refused)? {
             return Ok(());
         }
         let signed = Signed {
@@ -444,6 +452,54 @@ mod tests {
         let u = s.update.unwrap();
         assert_eq!((u.sequence, u.state), (7, UpdateState::Refused));
         assert_eq!(u.error, why);
+    }
+
+    fn manifest(fleet: &str, sequence: u64) -> Manifest {
+        Manifest {
+            format: manifest::FORMAT,
+            fleet: fleet.into(),
+            sequence,
+            bundle: manifest::BundleRef {
+                sha256: "a".repeat(64),
+                size: 10,
+            },
+            locustfile: "locustfile.py".into(),
+            master: manifest::MasterAddr {
+                host: "127.0.0.1".into(),
+                port: 5557,
+            },
+            master_epoch: 1,
+            worker_args: vec![],
+            created: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_is_fetched_only_for_our_fleet_and_above_the_floor() {
+        let ours = manifest("checkout", 8);
+        assert_eq!(is_new(&ours, Some("checkout"), Some(7)), Ok(true));
+        assert_eq!(is_new(&ours, Some("checkout"), Some(8)), Ok(false));
+        assert_eq!(
+            is_new(&ours, Some("checkout"), Some(9)),
+            Err(ManifestError::Rollback { got: 8, running: 9 })
+        );
+        let theirs = manifest("search", 8);
+        let e = is_new(&theirs, Some("checkout"), Some(7)).unwrap_err();
+        assert_eq!(
+            e,
+            ManifestError::OtherFleet {
+                got: "search".into(),
+                ours: "checkout".into()
+            }
+        );
+        // Refused as another fleet's whatever its sequence, even the one already run.
+        assert!(is_new(&theirs, Some("checkout"), Some(8)).is_err());
+        assert_eq!(
+            PollError::RefusedManifest(e).to_string(),
+            "refused manifest: manifest is for fleet \"search\" but this agent belongs to fleet \"checkout\"; check the agent's `fleet` and the controller it follows"
+        );
+        // No fleet configured: the name is not checked.
+        assert_eq!(is_new(&theirs, None, Some(7)), Ok(true));
     }
 
     #[test]
