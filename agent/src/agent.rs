@@ -186,7 +186,12 @@ impl Hands {
                     ),
                     Err(e) => log!("{e}"),
                 },
-                Effect::Gc { keep } => self.store.gc(&[&keep]),
+                Effect::Gc { keep } => {
+                    // Removing directories blocks: on the blocking pool, not awaited (the
+                    // collection spares young bundles, so it never races an unpack).
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.gc(&[&keep]));
+                }
                 Effect::Log(line) => log!("{line}"),
                 Effect::Publish => self.publish(m, now),
                 Effect::PowerOff => {
