@@ -4,9 +4,10 @@
 //! agent's heartbeats keep their interval all the while it checks and writes the big bundle.
 //!
 //! The test watches when each heartbeat arrives, from the publication until the agent reports
-//! the big bundle running, and requires no gap above [`MAX_GAP`]. It also requires that window
-//! to be longer than [`MAX_GAP`] itself, so the check is never vacuous: an agent that hashed and
-//! unpacked on its runtime would miss heartbeats for most of it.
+//! the big bundle running, and requires no gap above [`MAX_GAP`] nor above half that window.
+//! An agent that hashed and unpacked on its runtime is silent for most of the window (4.3 s of
+//! 4.5 s in a debug build); the window must be at least three heartbeat intervals long, so the
+//! check is never vacuous, in a debug or a release build.
 //!
 //! Workers are stubs (`sh -c 'exec sleep 3600'`).
 
@@ -266,12 +267,13 @@ async fn heartbeats_keep_flowing_while_a_big_bundle_is_hashed_and_unpacked() {
     );
     assert_eq!(fake.bundle_gets(&big.sha256), 1);
     assert!(
-        window > MAX_GAP,
+        window > 3 * Duration::from_millis(HEARTBEAT_MS),
         "the big bundle was running {window:?} after its publication, too fast for the gap check \
          to mean anything: raise BIG_BYTES"
     );
+    // A blocked runtime shows as one silence over most of the window (the download is quick).
     assert!(
-        gap <= MAX_GAP,
+        gap <= MAX_GAP && gap < window / 2,
         "no heartbeat for {gap:?} while the big bundle was handled (window {window:?}): the agent's \
          runtime was blocked"
     );
