@@ -188,7 +188,12 @@ impl Hands {
                     ),
                     Err(e) => log!("{e}"),
                 },
-                Effect::Gc { keep } => self.store.gc(&[&keep]),
+                Effect::Gc { keep } => {
+                    // Removing directories blocks: on the blocking pool, not awaited (the
+                    // collection spares young bundles, so it never races an unpack).
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.gc(&[&keep]));
+                }
                 Effect::Log(line) => log!("{line}"),
                 Effect::Publish => self.publish(m, now),
                 Effect::PowerOff => {
@@ -248,7 +253,7 @@ fn open(cfg: &Config) -> Result<(Client, Arc<Store>, Option<crate::store::Releas
         }
     })?;
     let store = Arc::new(Store::new(&cfg.state_dir));
-    let last_good = match store.load_last_good(&cfg.verify_key()) {
+    let last_good = match store.load_last_good(&cfg.verify_key(), cfg.fleet.as_deref()) {
         Ok(r) => r,
         Err(e) => {
             log!("ignoring saved state: {e}");
@@ -281,8 +286,12 @@ fn settings(cfg: &Config, node_id: &str) -> Settings {
 pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
     let (client, store, last_good) = open(&cfg)?;
+    let fleet = match &cfg.fleet {
+        Some(f) => format!("fleet {f:?}"),
+        None => "any fleet (no `fleet` configured)".to_string(),
+    };
     log!(
-        "node {} following {} (state in {})",
+        "node {} following {} for {fleet} (state in {})",
         node_id,
         cfg.controller,
         cfg.state_dir.display()

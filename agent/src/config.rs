@@ -36,6 +36,9 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Base64 Ed25519 public key that bundles must be signed with.
     pub verify_key: String,
+    /// The fleet this node belongs to: a manifest naming another fleet is refused. Unset:
+    /// manifests of any fleet are taken, if signed with `verify_key`.
+    pub fleet: Option<String>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// The id in heartbeats. Unset in every layer: the EC2 instance id when IMDS answered (with
@@ -204,6 +207,7 @@ const KEYS: &[&str] = &[
     "token",
     "token_file",
     "verify_key",
+    "fleet",
     "state_dir",
     "node_id",
     "imds",
@@ -371,6 +375,12 @@ impl Config {
         if self.token.is_none() && self.token_file.is_none() {
             return Err("agent config: set token or token_file (the fleet's agent token)".into());
         }
+        if self.fleet.as_deref().is_some_and(|f| f.trim().is_empty()) {
+            return Err(
+                "agent config: fleet must not be empty (unset it to take any fleet's manifests)"
+                    .into(),
+            );
+        }
         if let Some(cmd) = &self.worker_command {
             if cmd.is_empty() {
                 return Err("agent config: worker_command must not be empty".into());
@@ -448,7 +458,7 @@ mod tests {
     fn later_layers_override_earlier_ones() {
         let user_data = parse_source(
             "user-data",
-            "controller = \"https://10.0.0.9:8443\"\nworkers = 4\n",
+            "controller = \"https://10.0.0.9:8443\"\nworkers = 4\nfleet = \"checkout\"\n",
         )
         .unwrap();
         let mut env = BTreeMap::new();
@@ -470,6 +480,8 @@ mod tests {
             Some(vec!["sleep".to_string(), "1000".to_string()])
         );
         assert_eq!(cfg.heartbeat_ms, 5_000);
+        assert_eq!(cfg.fleet.as_deref(), Some("checkout"));
+        assert_eq!(merge(&[file()]).unwrap().fleet, None, "no fleet by default");
     }
 
     #[test]
@@ -494,6 +506,9 @@ mod tests {
         t.insert("worker_env_allow".into(), vec!["FLEET_AGENT_TOKEN"].into());
         let e = merge(&[t]).unwrap_err();
         assert!(e.starts_with("agent config: worker_env_allow: "), "{e}");
+        let mut t = file();
+        t.insert("fleet".into(), "".into());
+        assert!(merge(&[t]).unwrap_err().contains("fleet must not be empty"));
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! Refusals never reach the workers. Failed downloads are retried with a capped, jittered
 //! backoff; a refused publication uses its sequence up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
-use fleet_common::bundle::{self, BundleError};
+use fleet_common::bundle::{self, BundleError, Limits};
 use fleet_common::client::{Client, ClientError};
 use fleet_common::manifest::{self, Manifest, ManifestError, Signed, VerifyKey, SIGNATURE_HEADER};
 use fleet_common::wire::{routes, Update, UpdateState};
@@ -114,6 +114,8 @@ enum FetchError {
 }
 
 /// Fetches, verifies and unpacks the bundle a verified manifest names (if not on disk yet).
+/// The download is async; checking and writing it ([`install`]) runs on a blocking thread, so
+/// the agent's single-threaded runtime keeps heartbeats and the main loop going meanwhile.
 async fn materialise(
     client: &Client,
     cfg: &Config,
@@ -123,55 +125,92 @@ async fn materialise(
 ) -> Result<Release, FetchError> {
     use FetchError::{Refused, Transient};
     let dir = store.bundle_dir(&m.bundle.sha256);
-    if !dir.join(&m.locustfile).is_file() {
-        if m.bundle.size > cfg.max_bundle_bytes {
-            return Err(Refused(Refusal::TooBig {
-                sha: m.bundle.sha256,
-                size: m.bundle.size,
-                cap: cfg.max_bundle_bytes,
-            }));
-        }
-        let path = format!("{}/{}", routes::BUNDLES, m.bundle.sha256);
-        let resp = client
-            .download(&path, DOWNLOAD_IDLE, cfg.max_bundle_bytes as usize + 1)
-            .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    Transient(Retry::Download(e))
-                } else {
-                    Refused(Refusal::Download(e))
-                }
-            })?;
-        if resp.status != 200 {
-            return Err(Transient(Retry::Status {
-                path,
-                status: resp.status,
-            }));
-        }
-        manifest::check_bundle(&m, &resp.body).map_err(|e| Refused(Refusal::Check(e)))?;
-        if dir.exists() {
-            // A directory without its locustfile is debris from an interrupted unpack.
-            std::fs::remove_dir_all(&dir).map_err(|source| {
-                Transient(Retry::Debris {
-                    dir: dir.clone(),
-                    source,
-                })
-            })?;
-        }
-        bundle::unpack(&resp.body, &dir, &cfg.limits()).map_err(|e| Refused(Refusal::Unpack(e)))?;
-        if !dir.join(&m.locustfile).is_file() {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(Refused(Refusal::NoLocustfile {
-                sha: m.bundle.sha256,
-                locustfile: m.locustfile,
-            }));
-        }
+    if dir.join(&m.locustfile).is_file() {
+        return Ok(Release {
+            manifest: m,
+            signed,
+            dir,
+        });
     }
+    if m.bundle.size > cfg.max_bundle_bytes {
+        return Err(Refused(Refusal::TooBig {
+            sha: m.bundle.sha256,
+            size: m.bundle.size,
+            cap: cfg.max_bundle_bytes,
+        }));
+    }
+    let path = format!("{}/{}", routes::BUNDLES, m.bundle.sha256);
+    let resp = client
+        .download(&path, DOWNLOAD_IDLE, cfg.max_bundle_bytes as usize + 1)
+        .await
+        .map_err(|e| {
+            if e.is_transient() {
+                Transient(Retry::Download(e))
+            } else {
+                Refused(Refusal::Download(e))
+            }
+        })?;
+    if resp.status != 200 {
+        return Err(Transient(Retry::Status {
+            path,
+            status: resp.status,
+        }));
+    }
+    let limits = cfg.limits();
+    let (m, dir) = off_runtime(move || {
+        install(&m, &resp.body, &dir, &limits)?;
+        Ok((m, dir))
+    })
+    .await?;
     Ok(Release {
         manifest: m,
         signed,
         dir,
     })
+}
+
+/// Runs blocking file-system or CPU work (hashing, unpacking, removing directories) on tokio's
+/// blocking pool, off the agent's single runtime thread. A panic there is resumed here.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Checks downloaded bundle bytes against the manifest (size, sha256), clears debris of an
+/// interrupted unpack from `dir`, unpacks into it with `limits`, and checks the locustfile is
+/// there. Blocking: see [`off_runtime`].
+fn install(m: &Manifest, body: &[u8], dir: &Path, limits: &Limits) -> Result<(), FetchError> {
+    use FetchError::{Refused, Transient};
+    manifest::check_bundle(m, body).map_err(|e| Refused(Refusal::Check(e)))?;
+    if dir.exists() {
+        // A directory without its locustfile is debris from an interrupted unpack.
+        std::fs::remove_dir_all(dir).map_err(|source| {
+            Transient(Retry::Debris {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        })?;
+    }
+    bundle::unpack(body, dir, limits).map_err(|e| Refused(Refusal::Unpack(e)))?;
+    if !dir.join(&m.locustfile).is_file() {
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(Refused(Refusal::NoLocustfile {
+            sha: m.bundle.sha256.clone(),
+            locustfile: m.locustfile.clone(),
+        }));
+    }
+    Ok(())
+}
+
+/// Whether a manifest whose signature verified is one to fetch: it must name this agent's fleet
+/// (when one is configured) and not go below the sequence `floor`; the floor's own sequence is
+/// already done (`false`).
+fn is_new(m: &Manifest, fleet: Option<&str>, floor: Option<u64>) -> Result<bool, ManifestError> {
+    manifest::check_fleet(m, fleet)?;
+    manifest::check_sequence(m, floor)?;
+    Ok(Some(m.sequence) != floor)
 }
 
 /// Capped exponential backoff with jitter for the poller's retries.
@@ -352,8 +391,7 @@ impl Poller {
         let refused = |e| Failure::Poll(PollError::RefusedManifest(e));
         let sig = r.header(SIGNATURE_HEADER).unwrap_or("").to_string();
         let m = self.vk.verify_b64(&r.body, &sig).map_err(refused)?;
-        manifest::check_sequence(&m, self.seen.floor).map_err(refused)?;
-        if Some(m.sequence) == self.seen.floor {
+        if !is_new(&m, self.cfg.fleet.as_deref(), self.seen.floor).map_err(refused)? {
             return Ok(());
         }
         let signed = Signed {
@@ -444,6 +482,139 @@ mod tests {
         let u = s.update.unwrap();
         assert_eq!((u.sequence, u.state), (7, UpdateState::Refused));
         assert_eq!(u.error, why);
+    }
+
+    fn manifest(fleet: &str, sequence: u64) -> Manifest {
+        Manifest {
+            format: manifest::FORMAT,
+            fleet: fleet.into(),
+            sequence,
+            bundle: manifest::BundleRef {
+                sha256: "a".repeat(64),
+                size: 10,
+            },
+            locustfile: "locustfile.py".into(),
+            master: manifest::MasterAddr {
+                host: "127.0.0.1".into(),
+                port: 5557,
+            },
+            master_epoch: 1,
+            worker_args: vec![],
+            created: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_is_fetched_only_for_our_fleet_and_above_the_floor() {
+        let ours = manifest("checkout", 8);
+        assert_eq!(is_new(&ours, Some("checkout"), Some(7)), Ok(true));
+        assert_eq!(is_new(&ours, Some("checkout"), Some(8)), Ok(false));
+        assert_eq!(
+            is_new(&ours, Some("checkout"), Some(9)),
+            Err(ManifestError::Rollback { got: 8, running: 9 })
+        );
+        let theirs = manifest("search", 8);
+        let e = is_new(&theirs, Some("checkout"), Some(7)).unwrap_err();
+        assert_eq!(
+            e,
+            ManifestError::OtherFleet {
+                got: "search".into(),
+                ours: "checkout".into()
+            }
+        );
+        // Refused as another fleet's whatever its sequence, even the one already run.
+        assert!(is_new(&theirs, Some("checkout"), Some(8)).is_err());
+        assert_eq!(
+            PollError::RefusedManifest(e).to_string(),
+            "refused manifest: manifest is for fleet \"search\" but this agent belongs to fleet \"checkout\"; check the agent's `fleet` and the controller it follows"
+        );
+        // No fleet configured: the name is not checked.
+        assert_eq!(is_new(&theirs, None, Some(7)), Ok(true));
+    }
+
+    /// A packed spec with a locustfile, and a manifest for it.
+    fn packed() -> (Vec<u8>, Manifest) {
+        let spec = tempfile::tempdir().unwrap();
+        std::fs::write(
+            spec.path().join("locustfile.py"),
+            "from locust import User\n",
+        )
+        .unwrap();
+        let p = bundle::pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
+        let mut m = manifest("t", 1);
+        m.bundle = manifest::BundleRef {
+            sha256: p.sha256,
+            size: p.bytes.len() as u64,
+        };
+        (p.bytes, m)
+    }
+
+    #[test]
+    fn install_replaces_debris_and_leaves_nothing_of_a_refused_bundle() {
+        let (bytes, m) = packed();
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join(&m.bundle.sha256);
+        // Debris of an interrupted unpack: the directory without its locustfile.
+        std::fs::create_dir_all(dir.join("half")).unwrap();
+        install(&m, &bytes, &dir, &Limits::default()).unwrap();
+        assert!(dir.join("locustfile.py").is_file());
+        assert!(!dir.join("half").exists(), "debris kept");
+
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 0xff;
+        let other = state.path().join("other");
+        let e = install(&m, &flipped, &other, &Limits::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FetchError::Refused(Refusal::Check(ManifestError::ShaMismatch { .. }))
+            ),
+            "{e}"
+        );
+        assert!(!other.exists());
+
+        let mut wrong = m.clone();
+        wrong.locustfile = "main.py".into();
+        let e = install(&wrong, &bytes, &other, &Limits::default()).unwrap_err();
+        assert!(
+            matches!(e, FetchError::Refused(Refusal::NoLocustfile { .. })),
+            "{e}"
+        );
+        assert!(
+            !other.exists(),
+            "the unpacked bundle without its locustfile was kept"
+        );
+    }
+
+    #[test]
+    fn blocking_work_leaves_the_single_runtime_thread_free() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(AtomicU32::new(0));
+        let t = ticks.clone();
+        let got = rt.block_on(async move {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    t.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            off_runtime(|| {
+                std::thread::sleep(Duration::from_millis(400));
+                7
+            })
+            .await
+        });
+        assert_eq!(got, 7);
+        // Run on the runtime's thread, the sleep would have allowed no tick at all.
+        let n = ticks.load(Ordering::Relaxed);
+        assert!(
+            n >= 10,
+            "only {n} ticks of 10 ms during 400 ms of blocking work"
+        );
     }
 
     #[test]

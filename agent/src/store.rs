@@ -72,8 +72,13 @@ impl Store {
             .map_err(StoreError::Write)
     }
 
-    /// The last good release, re-verified: a tampered state file is refused, not trusted.
-    pub fn load_last_good(&self, vk: &VerifyKey) -> Result<Option<Release>, StoreError> {
+    /// The last good release, re-verified: a tampered state file is refused, not trusted, and
+    /// so is one of a fleet other than `fleet` (when the agent has a name configured).
+    pub fn load_last_good(
+        &self,
+        vk: &VerifyKey,
+        fleet: Option<&str>,
+    ) -> Result<Option<Release>, StoreError> {
         let raw = match std::fs::read(self.last_good_path()) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -85,6 +90,7 @@ impl Store {
         let m = vk
             .verify_b64(&bytes, &p.signature)
             .map_err(StoreError::Unverified)?;
+        fleet_common::manifest::check_fleet(&m, fleet).map_err(StoreError::Unverified)?;
         let dir = self.bundle_dir(&m.bundle.sha256);
         if !dir.join(&m.locustfile).is_file() {
             return Err(StoreError::MissingBundle {
@@ -173,11 +179,11 @@ mod tests {
     fn the_last_good_release_survives_a_restart() {
         let (_tmp, store, rel, vk) = setup();
         assert!(
-            store.load_last_good(&vk).unwrap().is_none(),
+            store.load_last_good(&vk, Some("t")).unwrap().is_none(),
             "nothing saved yet"
         );
         store.save_last_good(&rel).unwrap();
-        let back = store.load_last_good(&vk).unwrap().unwrap();
+        let back = store.load_last_good(&vk, Some("t")).unwrap().unwrap();
         assert_eq!(back.manifest, rel.manifest);
         assert_eq!(back.signed, rel.signed);
         assert_eq!(back.dir, rel.dir);
@@ -189,14 +195,25 @@ mod tests {
         store.save_last_good(&rel).unwrap();
         let other = SigningKey::generate().0.verify_key();
         assert!(matches!(
-            store.load_last_good(&other),
+            store.load_last_good(&other, None),
             Err(StoreError::Unverified(ManifestError::BadSignature))
         ));
         std::fs::write(store.last_good_path(), "{not json").unwrap();
         assert!(matches!(
-            store.load_last_good(&other),
+            store.load_last_good(&other, None),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_last_good_manifest_of_another_fleet_is_refused() {
+        let (_tmp, store, rel, vk) = setup();
+        store.save_last_good(&rel).unwrap();
+        assert!(matches!(
+            store.load_last_good(&vk, Some("other")),
+            Err(StoreError::Unverified(ManifestError::OtherFleet { .. }))
+        ));
+        assert!(store.load_last_good(&vk, None).unwrap().is_some());
     }
 
     #[test]
@@ -204,7 +221,7 @@ mod tests {
         let (_tmp, store, rel, vk) = setup();
         store.save_last_good(&rel).unwrap();
         std::fs::remove_dir_all(&rel.dir).unwrap();
-        let e = store.load_last_good(&vk).unwrap_err();
+        let e = store.load_last_good(&vk, None).unwrap_err();
         assert!(matches!(e, StoreError::MissingBundle { .. }), "{e}");
     }
 

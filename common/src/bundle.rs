@@ -7,7 +7,9 @@
 //!
 //! Unpacking is the agent's side of the contract and refuses anything that could write outside
 //! the destination or smuggle in something that is not a plain file: absolute paths, `..`,
-//! symbolic and hard links, devices and FIFOs, and archives over the size or entry caps.
+//! symbolic and hard links, devices and FIFOs, and archives over the size or entry caps. Sizes
+//! are each entry's real one (a PAX `size` record wins over the header's field), summed without
+//! wrapping, and every file must hold exactly what it declares.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -54,6 +56,12 @@ pub enum BundleError {
     TooLarge { what: &'static str, limit: u64 },
     #[error("bundle has more than {0} entries")]
     TooManyEntries(usize),
+    #[error("bundle entry {entry:?} ends after {got} of its {declared} bytes")]
+    Truncated {
+        entry: String,
+        declared: u64,
+        got: u64,
+    },
     #[error("bundle entry {0:?} appears twice")]
     Duplicate(String),
     #[error("spec directory has no {0}")]
@@ -328,8 +336,12 @@ fn unpack_into(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, B
             stats.dirs += 1;
             continue;
         }
-        let declared = entry.header().size().map_err(corrupt)?;
-        if stats.bytes + declared > limits.max_unpacked {
+        // The entry's real size: a PAX `size` record overrides the header's field, and the tar
+        // reader yields exactly that many bytes. Checked against what is left of the cap, so
+        // no header value can wrap the sum.
+        let declared = entry.size();
+        let budget = limits.max_unpacked.saturating_sub(stats.bytes);
+        if declared > budget {
             return Err(BundleError::TooLarge {
                 what: "unpacked size",
                 limit: limits.max_unpacked,
@@ -345,13 +357,20 @@ fn unpack_into(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, B
             .mode(if exec { 0o755 } else { 0o644 })
             .open(&target)
             .map_err(io_err(&target))?;
-        // Read at most what the header declared: the size check above is then exact.
-        let mut limited = (&mut entry).take(declared);
-        let n = io::copy(&mut limited, &mut f).map_err(io_err(&target))?;
+        // Never more than the budget, whatever the reader does; then exactly the declared size.
+        let mut limited = (&mut entry).take(budget);
+        let got = io::copy(&mut limited, &mut f).map_err(io_err(&target))?;
+        if got != declared {
+            return Err(BundleError::Truncated {
+                entry: shown,
+                declared,
+                got,
+            });
+        }
         f.flush().map_err(io_err(&target))?;
         f.set_permissions(fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))
             .map_err(io_err(&target))?;
-        stats.bytes += n;
+        stats.bytes += got;
         stats.files += 1;
     }
     Ok(stats)
@@ -550,6 +569,172 @@ mod tests {
             unpack(&two, &out.path().join("d"), &few),
             Err(BundleError::TooManyEntries(1))
         ));
+    }
+
+    /// One tar entry written as given: `size` goes into the header whatever `data` holds, and
+    /// `pax_size`, if any, into a PAX `size` record just before it.
+    struct Raw<'a> {
+        name: &'a str,
+        size: u64,
+        pax_size: Option<u64>,
+        data: &'a [u8],
+    }
+
+    impl Raw<'_> {
+        fn honest<'a>(name: &'a str, data: &'a [u8]) -> Raw<'a> {
+            Raw {
+                name,
+                size: data.len() as u64,
+                pax_size: None,
+                data,
+            }
+        }
+    }
+
+    /// A PAX extended-header body with one `size` record (`"<len> size=<n>\n"`, where `<len>`
+    /// counts the whole record, its own digits included).
+    fn pax_size_record(n: u64) -> Vec<u8> {
+        let body = format!(" size={n}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    /// A gzipped tar of regular files written header by header, sizes and all, as given.
+    fn raw_tar(entries: &[Raw<'_>]) -> Vec<u8> {
+        let gz = GzBuilder::new()
+            .mtime(0)
+            .write(Vec::new(), Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        for e in entries {
+            if let Some(n) = e.pax_size {
+                let rec = pax_size_record(n);
+                let mut h = tar::Header::new_ustar();
+                h.set_path("PaxHeaders/x").unwrap();
+                h.set_entry_type(tar::EntryType::XHeader);
+                h.set_mode(0o644);
+                h.set_size(rec.len() as u64);
+                h.set_cksum();
+                b.append(&h, rec.as_slice()).unwrap();
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_path(e.name).unwrap();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(e.size);
+            h.set_cksum();
+            b.append(&h, e.data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    /// `unpack` into a fresh directory with `max_unpacked` as the cap; the error, if any, after
+    /// checking that nothing was left behind.
+    fn unpack_capped(
+        bytes: &[u8],
+        max_unpacked: u64,
+    ) -> (tempfile::TempDir, Result<Unpacked, BundleError>) {
+        let out = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_unpacked,
+            ..Limits::default()
+        };
+        let r = unpack(bytes, &out.path().join("b"), &limits);
+        if r.is_err() {
+            assert_eq!(
+                fs::read_dir(out.path()).unwrap().count(),
+                0,
+                "a refused bundle left debris"
+            );
+        }
+        (out, r)
+    }
+
+    #[test]
+    fn a_pax_size_record_is_the_size_the_cap_counts() {
+        // The header says 10 bytes, the PAX record (which tar readers obey) 100,000.
+        let data = vec![b'a'; 100_000];
+        let bytes = raw_tar(&[Raw {
+            name: "big.csv",
+            size: 10,
+            pax_size: Some(100_000),
+            data: &data,
+        }]);
+        let (_out, r) = unpack_capped(&bytes, 50_000);
+        assert!(
+            matches!(
+                r,
+                Err(BundleError::TooLarge {
+                    what: "unpacked size",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Under the cap, the file is written whole: its real size, not the header's.
+        let (out, r) = unpack_capped(&bytes, 200_000);
+        assert_eq!(r.unwrap().bytes, 100_000);
+        assert_eq!(fs::read(out.path().join("b/big.csv")).unwrap(), data);
+    }
+
+    #[test]
+    fn a_header_size_near_u64_max_does_not_wrap_the_cap() {
+        // 1,000 bytes counted, then an entry whose header size would wrap the sum to a small
+        // number; its PAX record makes it 100,000 bytes for the tar reader.
+        let small = vec![b'x'; 1_000];
+        let big = vec![b'a'; 100_000];
+        let bytes = raw_tar(&[
+            Raw::honest("a.csv", &small),
+            Raw {
+                name: "b.csv",
+                size: u64::MAX - 500,
+                pax_size: Some(100_000),
+                data: &big,
+            },
+        ]);
+        let (_out, r) = unpack_capped(&bytes, 50_000);
+        assert!(
+            matches!(
+                r,
+                Err(BundleError::TooLarge {
+                    what: "unpacked size",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Without a PAX record such a header is refused as corrupt.
+        let bytes = raw_tar(&[
+            Raw::honest("a.csv", &small),
+            Raw {
+                name: "b.csv",
+                size: u64::MAX - 500,
+                pax_size: None,
+                data: &big,
+            },
+        ]);
+        let (_out, r) = unpack_capped(&bytes, 50_000);
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    #[test]
+    fn an_entry_shorter_than_declared_is_refused() {
+        // The header declares 5,000 bytes; the archive ends after 1,000 (and the padding and
+        // end-of-archive blocks the builder adds).
+        let data = vec![b'a'; 1_000];
+        let bytes = raw_tar(&[Raw {
+            name: "short.csv",
+            size: 5_000,
+            pax_size: None,
+            data: &data,
+        }]);
+        let (_out, r) = unpack_capped(&bytes, 1 << 20);
+        assert!(
+            matches!(&r, Err(BundleError::Truncated { entry, declared: 5_000, .. }) if entry == "short.csv"),
+            "{r:?}"
+        );
     }
 
     #[test]

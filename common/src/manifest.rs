@@ -79,6 +79,8 @@ pub enum ManifestError {
     BadBundleId(String),
     #[error("manifest names an unsafe locustfile path: {0:?}")]
     BadLocustfile(String),
+    #[error("manifest is for fleet {got:?} but this agent belongs to fleet {ours:?}; check the agent's `fleet` and the controller it follows")]
+    OtherFleet { got: String, ours: String },
     #[error("manifest sequence {got} is lower than the running {running}")]
     Rollback { got: u64, running: u64 },
     #[error("bundle sha256 {got} does not match the manifest's {want}")]
@@ -203,6 +205,19 @@ pub fn check_sequence(m: &Manifest, running: Option<u64>) -> Result<(), Manifest
     }
 }
 
+/// The agent's acceptance rule for a verified manifest's fleet: the name must be the agent's
+/// own, when it has one configured. An agent without one takes any fleet's manifest: the
+/// signature alone decides (the verify key is the fleet's own).
+pub fn check_fleet(m: &Manifest, ours: Option<&str>) -> Result<(), ManifestError> {
+    match ours {
+        Some(ours) if m.fleet != ours => Err(ManifestError::OtherFleet {
+            got: m.fleet.clone(),
+            ours: ours.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Checks downloaded bundle bytes against the manifest.
 pub fn check_bundle(m: &Manifest, bytes: &[u8]) -> Result<(), ManifestError> {
     if bytes.len() as u64 != m.bundle.size {
@@ -304,6 +319,28 @@ mod tests {
             vk.verify(&s.bytes, &s.signature),
             Err(ManifestError::Format(99))
         );
+    }
+
+    #[test]
+    fn a_manifest_of_another_fleet_is_refused_when_the_agent_has_a_name() {
+        let m = sample(1, b"x");
+        assert!(check_fleet(&m, Some("t")).is_ok());
+        assert!(
+            check_fleet(&m, None).is_ok(),
+            "no name configured: any fleet"
+        );
+        let e = check_fleet(&m, Some("checkout")).unwrap_err();
+        assert_eq!(
+            e,
+            ManifestError::OtherFleet {
+                got: "t".into(),
+                ours: "checkout".into()
+            }
+        );
+        // Exact comparison: no prefix, case or wildcard matching.
+        assert!(check_fleet(&m, Some("T")).is_err());
+        assert!(check_fleet(&m, Some("*")).is_err());
+        assert!(check_fleet(&m, Some("")).is_err());
     }
 
     #[test]

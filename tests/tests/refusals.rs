@@ -1,7 +1,7 @@
 //! Refusals, end to end: a real `fleet-agent` follows a fake controller (a TLS server inside
 //! this test whose publications the test swaps at will) and must refuse every broken or hostile
 //! publication that docs/protocol.md lists ("What the agent checks, in order" and "The bundle")
-//! — bad signature, sha or size mismatch, a lower sequence, absolute or escaping paths, links,
+//! — bad signature, another fleet's manifest, sha or size mismatch, a lower sequence, absolute or escaping paths, links,
 //! devices, anything over a size cap, an unsafe locustfile path — without ever stopping or
 //! restarting the worker it already runs. A newer good bundle afterwards is still taken, so no
 //! refusal wedges the agent.
@@ -32,6 +32,8 @@ use nix::unistd::Pid;
 use tar::EntryType;
 
 const TOKEN: &str = "refusals-test-agent-token";
+/// The agent's fleet, and the one honest manifests name.
+const FLEET: &str = "refusals";
 /// The agent's caps in these tests: small, so oversize bundles stay cheap to build and serve.
 const MAX_BUNDLE_BYTES: u64 = 256 << 10;
 const MAX_UNPACKED_BYTES: u64 = 64 << 10;
@@ -83,6 +85,18 @@ fn refusals(root: &Path) -> Vec<Refusal> {
             publish: DeclaredSize(|real| real + 1),
             refused: Bundle,
             says: &["bytes but the manifest says"],
+            must_not_exist: &[],
+        },
+        Refusal {
+            // Signed with this fleet's key, but naming another fleet.
+            name: "another fleet",
+            bundle: Good("another fleet"),
+            publish: ForFleet("refusals-other"),
+            refused: Manifest,
+            says: &[
+                "for fleet \"refusals-other\"",
+                "belongs to fleet \"refusals\"",
+            ],
             must_not_exist: &[],
         },
         Refusal {
@@ -251,6 +265,8 @@ enum Publish {
     DeclaredSize(fn(u64) -> u64),
     /// Honest, but naming this locustfile.
     Locustfile(&'static str),
+    /// Honest, but naming this fleet instead of the agent's.
+    ForFleet(&'static str),
     /// Signed honestly, then altered in transit to name another good bundle (with this
     /// marker), which is served too.
     AlteredToName(&'static str),
@@ -313,6 +329,7 @@ impl Refusal {
             Publish::LastByteFlipped => *served.last_mut().expect("bytes") ^= 0xff,
             Publish::DeclaredSize(f) => m.bundle.size = f(m.bundle.size),
             Publish::Locustfile(p) => m.locustfile = p.to_string(),
+            Publish::ForFleet(f) => m.fleet = f.to_string(),
         }
         let signed = signer.sign(&m);
         let mut manifest = signed.bytes.clone();
@@ -685,7 +702,7 @@ fn raw_tar(entries: &[Entry]) -> Vec<u8> {
 fn manifest_for(sequence: u64, bytes: &[u8]) -> Manifest {
     Manifest {
         format: FORMAT,
-        fleet: "refusals".into(),
+        fleet: FLEET.into(),
         sequence,
         bundle: BundleRef {
             sha256: bundle::sha256_hex(bytes),
@@ -736,6 +753,7 @@ impl Agent {
         set("ca_pem", ca_pem.into());
         set("token", TOKEN.into());
         set("verify_key", verify_key.into());
+        set("fleet", FLEET.into());
         set(
             "state_dir",
             dir.path().join("state").display().to_string().into(),

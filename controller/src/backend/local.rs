@@ -75,6 +75,7 @@ impl Local {
             abs(f.agent_token()).display().to_string().into(),
         );
         t.insert("verify_key".into(), f.read(&f.verify_key())?.trim().into());
+        t.insert("fleet".into(), f.config.name.clone().into());
         t.insert(
             "state_dir".into(),
             abs(node_dir.to_path_buf())

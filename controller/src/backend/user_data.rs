@@ -28,6 +28,7 @@ pub fn render(fleet: &Fleet, backend: &str) -> Result<String> {
         "verify_key".into(),
         fleet.read(&fleet.verify_key())?.trim().into(),
     );
+    t.insert("fleet".into(), fleet.config.name.clone().into());
     t.insert("backend".into(), backend.into());
     if let Some(s) = ec2.max_lifetime_s {
         t.insert("max_lifetime_s".into(), (s as i64).into());
