@@ -14,7 +14,7 @@
 //! [`choose`] decides from these inputs alone; [`Endpoint::load`] reads the files it names.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -198,12 +198,9 @@ impl Endpoint {
 fn read(m: &Material, from: &Source, what: &str) -> Result<String> {
     match m {
         Material::Value(v) => Ok(v.clone()),
-        Material::File(p) => read_file(p).with_context(|| format!("{what} (from {from})")),
+        Material::File(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{what} (from {from}): cannot read {}", p.display())),
     }
-}
-
-fn read_file(p: &Path) -> Result<String> {
-    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
 impl fmt::Display for Source {
@@ -221,6 +218,7 @@ mod tests {
     use super::super::profiles::tests::{ca, remote};
     use super::*;
     use std::collections::HashMap;
+    use std::path::Path;
 
     fn fleet(dir: &Path) -> Fleet {
         let t = "name = \"x\"\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n";

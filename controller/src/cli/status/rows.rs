@@ -1,87 +1,15 @@
-//! `fleet status`: the fleet's nodes, what the backend says joined with what each agent
-//! reports to the controller. Everything a node reports is escaped before it is shown.
-//!
-//! On the controller host the backend lists the nodes; when the controller cannot be reached
-//! they are still listed, their agent columns unknown. From elsewhere (a remote) there is no
-//! backend, and the rows are the nodes the controller hears from.
+//! The rows of `fleet status` and its text table: what the backend says of each node joined
+//! with what its agent reports, the backend's nodes alone when the controller is down, or the
+//! controller's nodes alone from a remote. Everything a node reports is escaped here.
 
 use std::collections::HashMap;
-use std::fmt;
 
-use anyhow::Result;
 use fleet_common::wire::{NodeStatus, NodeView, Standing};
 use serde::Serialize;
 
-use super::backends::BackendArg;
-use super::remote::Operator;
-use super::render::escape;
-use crate::backend::{Backend, NodeInfo};
+use crate::backend::NodeInfo;
+use crate::cli::render::escape;
 use crate::daemon::SILENT_AFTER_S;
-
-/// The fleet's nodes: what the backend says joined with what each agent reports.
-#[derive(clap::Args)]
-pub struct StatusArgs {
-    /// Default: `scale.backend` in fleet.toml, else local.
-    #[arg(long, value_enum)]
-    backend: Option<BackendArg>,
-}
-
-impl StatusArgs {
-    pub async fn run(self, op: &Operator) -> Result<Status> {
-        let api = op.api()?;
-        let fleet = match self.backend {
-            Some(_) => Some(op.need_fleet("--backend")?),
-            None => op.fleet(),
-        };
-        let Some(fleet) = fleet else {
-            return Ok(Status::new(controller_rows(&api.nodes().await?)));
-        };
-        let backend = BackendArg::pick(self.backend, fleet).build(fleet).await?;
-        let observed = backend.observe().await?;
-        api.report_listed(&observed).await;
-        Ok(match api.nodes_if_up().await? {
-            Some(views) => Status::new(join_status(&observed, &views)),
-            None => Status {
-                rows: unknown_rows(&observed),
-                unreachable: Some(api.url().to_string()),
-            },
-        })
-    }
-}
-
-/// The rows of `fleet status`: a JSON array, or the text table.
-#[derive(Debug, Serialize)]
-#[serde(transparent)]
-pub struct Status {
-    pub rows: Vec<StatusRow>,
-    /// The controller that could not be reached, if it could not (a note under the table;
-    /// in JSON every row says `unknown`).
-    #[serde(skip)]
-    pub unreachable: Option<String>,
-}
-
-impl Status {
-    pub fn new(rows: Vec<StatusRow>) -> Status {
-        Status {
-            rows,
-            unreachable: None,
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        f.write_str(&status_table(&self.rows, now))?;
-        if let Some(url) = &self.unreachable {
-            write!(f, "the controller at {url} is unreachable, so what the agents run is unknown; is `fleet serve` running?")?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct StatusRow {
@@ -283,6 +211,7 @@ pub fn status_table(rows: &[StatusRow], now_unix: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Status;
     use super::*;
     use fleet_common::wire::{Heartbeat, Running, Update, UpdateState};
 
