@@ -89,12 +89,17 @@ pub struct ScaleConfig {
     /// Safety cap: `fleet scale` refuses more nodes than this on any backend.
     #[serde(default = "default_max_nodes")]
     pub max_nodes: usize,
+    /// The backend of `scale`, `down`, `status` and `run --nodes` when `--backend` is not
+    /// given; unset: `local`.
+    #[serde(default)]
+    pub backend: Option<crate::cli::BackendArg>,
 }
 
 impl Default for ScaleConfig {
     fn default() -> Self {
         ScaleConfig {
             max_nodes: default_max_nodes(),
+            backend: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use fleet_common::client::{Client, ClientError, Response};
 use fleet_common::wire::{routes, NodeView};
 use hyper::Method;
 
+use super::remote::Endpoint;
 use crate::backend::NodeInfo;
 use crate::config::Fleet;
 
@@ -27,14 +28,30 @@ const NOTE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Api {
     client: Client,
     url: String,
+    /// What to check when the token is refused (where it came from).
+    token_hint: String,
 }
 
 impl Api {
+    /// The fleet directory's own controller.
     pub fn new(fleet: &Fleet) -> Result<Api> {
+        Api::connect(&Endpoint::of_fleet(fleet)?)
+    }
+
+    /// Any controller: the fleet directory's, a remote, or the one the environment names.
+    pub fn connect(e: &Endpoint) -> Result<Api> {
+        let client = Client::new(&e.url, &e.ca_pem, Some(&format!("Bearer {}", e.token)))
+            .map_err(|err| anyhow!("{err} (from {})", e.ca_from))?;
         Ok(Api {
-            client: fleet.operator_client()?,
-            url: fleet.config.controller.url.clone(),
+            client,
+            url: e.url.clone(),
+            token_hint: e.token_hint(),
         })
+    }
+
+    /// The controller's URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// One request; any HTTP status is an answer.
@@ -46,17 +63,38 @@ impl Api {
         limit: usize,
         timeout: Duration,
     ) -> Result<Response> {
+        self.send(method.clone(), path, json, limit, timeout)
+            .await
+            .map_err(|e| self.failed(&method, path, limit, e))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<serde_json::Value>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
         let body = json.map(|v| ("application/json", v.to_string().into_bytes()));
         self.client
-            .request(method.clone(), path, body, timeout, limit)
+            .request(method, path, body, timeout, limit)
             .await
-            .map_err(|e| match e {
-                ClientError::Body { .. } => anyhow!("{method} {path}: answer over {limit} bytes"),
-                e => anyhow!(
-                    "controller {} unreachable ({e}); is `fleet serve` running?",
-                    self.url
-                ),
-            })
+    }
+
+    fn failed(&self, method: &Method, path: &str, limit: usize, e: ClientError) -> anyhow::Error {
+        match e {
+            ClientError::Body { .. } => anyhow!("{method} {path}: answer over {limit} bytes"),
+            e => anyhow!(
+                "controller {} unreachable ({e}); is `fleet serve` running there?",
+                self.url
+            ),
+        }
+    }
+
+    /// One line for a refused request, saying what to do ([`refused`]).
+    pub fn refused(&self, r: &Response, what: &str) -> anyhow::Error {
+        refused(r, what, &self.token_hint)
     }
 
     /// A request that must answer 200.
@@ -72,7 +110,7 @@ impl Api {
             .call(method.clone(), path, json, limit, timeout)
             .await?;
         if r.status != 200 {
-            return Err(refused(&r, &format!("{method} {path}")));
+            return Err(self.refused(&r, &format!("{method} {path}")));
         }
         Ok(r)
     }
@@ -97,7 +135,7 @@ impl Api {
             let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
             return Err(match v.get("error").and_then(|e| e.as_str()) {
                 Some(e) => anyhow!("{e}"),
-                None => refused(&r, &format!("POST {path}")),
+                None => self.refused(&r, &format!("POST {path}")),
             });
         }
         Ok(())
@@ -116,6 +154,23 @@ impl Api {
             .await?;
         serde_json::from_slice(&r.body)
             .with_context(|| format!("GET {}: not the JSON expected", routes::API_NODES))
+    }
+
+    /// The controller's view of the nodes, or `None` when the controller cannot be reached at
+    /// all (`fleet status` then still lists the backend's nodes).
+    pub async fn nodes_if_up(&self) -> Result<Option<Vec<NodeView>>> {
+        let path = routes::API_NODES;
+        match self
+            .send(Method::GET, path, None, NODES_LIMIT, NODES_TIMEOUT)
+            .await
+        {
+            Err(e) if e.is_unreachable() => Ok(None),
+            Err(e) => Err(self.failed(&Method::GET, path, NODES_LIMIT, e)),
+            Ok(r) if r.status != 200 => Err(self.refused(&r, &format!("GET {path}"))),
+            Ok(r) => serde_json::from_slice(&r.body)
+                .map(Some)
+                .with_context(|| format!("GET {path}: not the JSON expected")),
+        }
     }
 
     /// Locust's worker count (through the proxy).
@@ -175,8 +230,9 @@ impl Api {
     }
 }
 
-/// One line for a refused request, saying what to do.
-pub fn refused(r: &Response, what: &str) -> anyhow::Error {
+/// One line for a refused request, saying what to do; `token_hint` says what to check when the
+/// token is refused (where it came from).
+pub fn refused(r: &Response, what: &str, token_hint: &str) -> anyhow::Error {
     let text = {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         match v.get("error").and_then(|e| e.as_str()) {
@@ -192,8 +248,8 @@ pub fn refused(r: &Response, what: &str) -> anyhow::Error {
     };
     let locust = what.contains(" /locust");
     match r.status {
-        401 => anyhow!("the controller refused the operator token ({what}: HTTP 401); check secrets/operator.token"),
-        429 => anyhow!("the controller refused the operator token, and this address has failed too often ({what}: HTTP 429); check secrets/operator.token"),
+        401 => anyhow!("the controller refused the operator token ({what}: HTTP 401); {token_hint}"),
+        429 => anyhow!("the controller refused the operator token, and this address has failed too often ({what}: HTTP 429); {token_hint}"),
         502 if locust => anyhow!("the Locust master is not reachable behind the controller ({what}: HTTP 502); check state/master.log and retry"),
         s if locust => anyhow!("Locust refused {what}: HTTP {s} {text}"),
         s => anyhow!("the controller answered HTTP {s} to {what}: {text}"),
@@ -212,18 +268,30 @@ mod tests {
         }
     }
 
+    const H: &str = "check secrets/operator.token";
+
     #[test]
     fn refusals_say_what_to_do() {
-        let e = refused(&answer(401, ""), "GET /api/nodes").to_string();
+        let e = refused(&answer(401, ""), "GET /api/nodes", H).to_string();
         assert!(e.contains("check secrets/operator.token"), "{e}");
-        let e = refused(&answer(502, "bad gateway"), "GET /locust/stats/requests").to_string();
+        let e = refused(&answer(429, ""), "GET /api/nodes", "check FLEET_TOKEN");
+        assert!(
+            e.to_string().ends_with("HTTP 429); check FLEET_TOKEN"),
+            "{e}"
+        );
+        let e = refused(&answer(502, "bad gateway"), "GET /locust/stats/requests", H).to_string();
         assert!(e.contains("check state/master.log"), "{e}");
-        let e = refused(&answer(409, r#"{"error":"no workers"}"#), "POST /api/swarm").to_string();
+        let e = refused(
+            &answer(409, r#"{"error":"no workers"}"#),
+            "POST /api/swarm",
+            H,
+        )
+        .to_string();
         assert_eq!(
             e,
             "the controller answered HTTP 409 to POST /api/swarm: no workers"
         );
-        let e = refused(&answer(500, "\n\nboom\nmore"), "GET /locust/x").to_string();
+        let e = refused(&answer(500, "\n\nboom\nmore"), "GET /locust/x", H).to_string();
         assert_eq!(e, "Locust refused GET /locust/x: HTTP 500 boom");
     }
 }

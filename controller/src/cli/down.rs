@@ -15,8 +15,9 @@ use crate::config::Fleet;
 /// Terminate every node the fleet owns.
 #[derive(clap::Args)]
 pub struct DownArgs {
-    #[arg(long, value_enum, default_value = "local")]
-    backend: BackendArg,
+    /// Default: `scale.backend` in fleet.toml, else local.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
 }
 
 /// The nodes `fleet down` terminated.
@@ -33,7 +34,7 @@ impl fmt::Display for Down {
 
 impl DownArgs {
     pub async fn run(self, fleet: &Fleet, output: Output) -> Result<Down> {
-        let backend = self.backend.build(fleet).await?;
+        let backend = BackendArg::pick(self.backend, fleet).build(fleet).await?;
         let ids: Vec<String> = backend.observe().await?.into_iter().map(|n| n.id).collect();
         let api = Api::new(fleet)?;
         if backend.set_desired(0).await? {

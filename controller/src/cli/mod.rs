@@ -1,16 +1,20 @@
 //! The operator's CLI: one file (or folder) per command, each a `clap::Args` struct whose `run`
 //! returns a value that is both `Serialize` and `Display`; [`render`] prints it as text or as
 //! JSON. Every command that talks to the controller uses the one client in [`api`]; the
-//! commands that drive nodes take their backend from `--backend` ([`backends`]).
+//! commands that drive nodes take their backend from `--backend` ([`backends`]). The commands
+//! that need only the controller (`status`, `swarm`, `stop`, `run`) work from any machine that
+//! has the fleet CA and the operator token ([`remote`]); the others need the fleet directory.
 
 mod api;
 mod backends;
+mod completions;
 mod demo;
 mod down;
 mod init;
 mod master_exec;
 mod nginx;
 mod passwd;
+mod remote;
 mod render;
 mod run;
 mod scale;
@@ -22,9 +26,11 @@ mod user_data;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
+pub use self::backends::BackendArg;
+use self::remote::Operator;
 use self::render::{print, Output};
 use crate::config::Fleet;
 
@@ -39,8 +45,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "FLEET_DIR", default_value = ".")]
     dir: PathBuf,
     /// Output format for scripts.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "FLEET_OUTPUT",
+        default_value = "text"
+    )]
     output: Output,
+    /// The controller to talk to, by the name `fleet remote add` gave it.
+    #[arg(long, global = true, env = "FLEET_REMOTE")]
+    remote: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,6 +81,8 @@ enum Cmd {
     /// Start the Locust master confined (used by `fleet serve`).
     #[command(hide = true)]
     MasterExec(master_exec::MasterExecArgs),
+    Remote(remote::RemoteArgs),
+    Completions(completions::CompletionsArgs),
 }
 
 /// The process's exit code for a command's error: [`run::THRESHOLDS_FAILED`] for a run that
@@ -84,11 +101,30 @@ pub async fn run(cli: Cli) -> Result<()> {
     // The commands that make the fleet directory, or need none.
     let cmd = match cli.cmd {
         Cmd::Init(a) => return print(out, &a.run(&dir)?),
-        Cmd::Target(a) => return a.run().await,
+        Cmd::Target(a) => return a.run(out).await,
         Cmd::Demo(a) => return a.run(&dir).await,
         Cmd::MasterExec(a) => return a.run(),
+        Cmd::Remote(a) => return a.run(out),
+        Cmd::Completions(a) => return print(out, &a.run()?),
         cmd => cmd,
     };
+    // The commands that need only the controller: from anywhere.
+    let cmd = match cmd {
+        Cmd::Status(a) => return print(out, &a.run(&find(&dir, &cli.remote)?).await?),
+        Cmd::Swarm(a) => return print(out, &a.run(&find(&dir, &cli.remote)?.api()?).await?),
+        Cmd::Stop => return print(out, &swarm::stop(&find(&dir, &cli.remote)?.api()?).await?),
+        Cmd::Run(a) => {
+            let report = a.run(&find(&dir, &cli.remote)?, out).await?;
+            print(out, &report)?;
+            return report.gate();
+        }
+        cmd => cmd,
+    };
+    // The commands that need the fleet directory (and, for ec2 and asg, AWS credentials). They
+    // act on that directory's own fleet: a remote named here would be a mistake.
+    if let Some(name) = &cli.remote {
+        bail!("--remote (or FLEET_REMOTE) names {name}, but `fleet {}` works only in the fleet directory on the controller host; run it there without --remote", cmd.name());
+    }
     let fleet = Fleet::load(&dir)?;
     match cmd {
         Cmd::Passwd => print(out, &passwd::run(&fleet)?),
@@ -97,16 +133,44 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Scale(a) => print(out, &a.run(&fleet, out).await?),
         Cmd::UserData(a) => print(out, &a.run(&fleet)?),
         Cmd::Down(a) => print(out, &a.run(&fleet, out).await?),
-        Cmd::Status(a) => print(out, &a.run(&fleet).await?),
-        Cmd::Swarm(a) => print(out, &a.run(&fleet).await?),
-        Cmd::Stop => print(out, &swarm::stop(&fleet).await?),
-        Cmd::Run(a) => {
-            let report = a.run(&fleet, out).await?;
-            print(out, &report)?;
-            report.gate()
-        }
-        Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) | Cmd::MasterExec(_) => {
-            unreachable!("handled above")
+        Cmd::Init(_)
+        | Cmd::Target(_)
+        | Cmd::Demo(_)
+        | Cmd::MasterExec(_)
+        | Cmd::Remote(_)
+        | Cmd::Completions(_)
+        | Cmd::Status(_)
+        | Cmd::Swarm(_)
+        | Cmd::Stop
+        | Cmd::Run(_) => unreachable!("handled above"),
+    }
+}
+
+impl Cmd {
+    /// The command's name, as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Init(_) => "init",
+            Cmd::Passwd => "passwd",
+            Cmd::Nginx(_) => "nginx",
+            Cmd::Serve => "serve",
+            Cmd::Scale(_) => "scale",
+            Cmd::UserData(_) => "user-data",
+            Cmd::Down(_) => "down",
+            Cmd::Status(_) => "status",
+            Cmd::Swarm(_) => "swarm",
+            Cmd::Stop => "stop",
+            Cmd::Run(_) => "run",
+            Cmd::Target(_) => "target",
+            Cmd::Demo(_) => "demo",
+            Cmd::MasterExec(_) => "master-exec",
+            Cmd::Remote(_) => "remote",
+            Cmd::Completions(_) => "completions",
         }
     }
+}
+
+/// The controller a command talks to ([`remote::Operator::find`]).
+fn find(dir: &std::path::Path, remote: &Option<String>) -> Result<Operator> {
+    Operator::find(dir, remote.as_deref())
 }

@@ -22,8 +22,9 @@ use crate::daemon::SILENT_AFTER_S;
 pub struct ScaleArgs {
     #[arg(long, allow_hyphen_values = true)]
     nodes: i64,
-    #[arg(long, value_enum, default_value = "local")]
-    backend: BackendArg,
+    /// Default: `scale.backend` in fleet.toml, else local.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
     /// Print the plan, change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -36,7 +37,7 @@ impl ScaleArgs {
     pub async fn run(self, fleet: &Fleet, output: Output) -> Result<ScaleReport> {
         // Bad input fails before any AWS client is made or anything launched.
         let nodes = check_nodes(fleet, self.nodes)?;
-        let backend = self.backend.build(fleet).await?;
+        let backend = BackendArg::pick(self.backend, fleet).build(fleet).await?;
         let wait = Duration::from_secs(self.wait);
         scale(fleet, &backend, nodes, self.dry_run, wait, output).await
     }

@@ -8,7 +8,6 @@ use fleet_common::wire::{routes, SwarmRequest};
 use serde::Serialize;
 
 use super::api::Api;
-use crate::config::Fleet;
 
 /// Start (or resize) the test through the controller.
 #[derive(clap::Args)]
@@ -34,13 +33,12 @@ impl fmt::Display for Started {
 }
 
 impl SwarmArgs {
-    pub async fn run(self, fleet: &Fleet) -> Result<Started> {
+    pub async fn run(self, api: &Api) -> Result<Started> {
         let want = SwarmRequest {
             users: self.users,
             spawn_rate: self.spawn_rate,
         };
-        Api::new(fleet)?
-            .act(routes::API_SWARM, serde_json::to_value(want)?)
+        api.act(routes::API_SWARM, serde_json::to_value(want)?)
             .await?;
         Ok(Started(want))
     }
@@ -59,9 +57,7 @@ impl fmt::Display for Stopped {
 }
 
 /// `fleet stop`.
-pub async fn stop(fleet: &Fleet) -> Result<Stopped> {
-    Api::new(fleet)?
-        .act(routes::API_STOP, serde_json::json!({}))
-        .await?;
+pub async fn stop(api: &Api) -> Result<Stopped> {
+    api.act(routes::API_STOP, serde_json::json!({})).await?;
     Ok(Stopped { stopped: true })
 }

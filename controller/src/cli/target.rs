@@ -9,6 +9,9 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use serde::Serialize;
+
+use super::render::{print, Output};
 
 fn app() -> Router {
     Router::new()
@@ -28,11 +31,24 @@ pub struct TargetArgs {
     listen: SocketAddr,
 }
 
+/// Where the target listens (printed once, before it serves).
+#[derive(Debug, Serialize)]
+pub struct Listening {
+    pub url: String,
+}
+
+impl std::fmt::Display for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sample target on {}", self.url)
+    }
+}
+
 impl TargetArgs {
     /// Serves until the process is stopped.
-    pub async fn run(self) -> Result<()> {
+    pub async fn run(self, output: Output) -> Result<()> {
         let (addr, task) = bind(self.listen).await?;
-        println!("sample target on http://{addr}");
+        let url = format!("http://{addr}");
+        print(output, &Listening { url })?;
         let _ = task.await;
         Ok(())
     }

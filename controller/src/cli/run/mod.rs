@@ -39,6 +39,7 @@ use self::runner::{fresh, Runner};
 use self::threshold::Threshold;
 use super::api::Api;
 use super::backends::BackendArg;
+use super::remote::Operator;
 use super::render::Output;
 use super::scale::{check_nodes, scale};
 use crate::backend::any::AnyBackend;
@@ -66,14 +67,16 @@ pub struct RunArgs {
     /// How long each run lasts: `30s`, `5m`.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// The results directory (default: results/<UTC timestamp>/ in the fleet directory).
+    /// The results directory (default: results/<UTC timestamp>/ in the fleet directory, or in
+    /// the current directory when the controller is remote).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Scale to this many nodes first (with --matrix: a list, e.g. 2,4).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     nodes: Vec<i64>,
-    #[arg(long, value_enum, default_value = "local")]
-    backend: BackendArg,
+    /// Default: `scale.backend` in fleet.toml, else local.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
     /// Seconds to wait for the agents to check in after scaling.
     #[arg(long, default_value_t = 120)]
     wait: u64,
@@ -90,13 +93,18 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks the command line, makes the backend when the runs scale, and runs them (printing
     /// a line per run as it ends). Ctrl-C stops the test.
-    pub async fn run(self, fleet: &Fleet, output: Output) -> Result<RunReport> {
-        let plan = RunPlan::new(fleet, &self)?;
-        let backend = match plan.scales() {
-            true => Some(self.backend.build(fleet).await?),
-            false => None,
+    pub async fn run(self, op: &Operator, output: Output) -> Result<RunReport> {
+        // Scaling needs the fleet directory (and its backend); a run alone needs the controller.
+        let fleet = match self.nodes.is_empty() {
+            true => op.fleet(),
+            false => Some(op.need_fleet("--nodes")?),
         };
-        run(fleet, &plan, backend.as_ref(), output).await
+        let plan = RunPlan::new(fleet, &self)?;
+        let backend = match (plan.scales(), fleet) {
+            (true, Some(fleet)) => Some(BackendArg::pick(self.backend, fleet).build(fleet).await?),
+            _ => None,
+        };
+        run(fleet, op.api()?, &plan, backend.as_ref(), output).await
     }
 }
 
@@ -118,8 +126,8 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    /// Checks the command line; nothing is contacted yet.
-    pub fn new(fleet: &Fleet, a: &RunArgs) -> Result<RunPlan> {
+    /// Checks the command line; nothing is contacted yet. `fleet` is needed for `--nodes`.
+    pub fn new(fleet: Option<&Fleet>, a: &RunArgs) -> Result<RunPlan> {
         let (matrix, users) = match (&a.matrix, a.users) {
             (Some(m), None) => (true, parse_matrix(m)?),
             (None, Some(u)) => (false, vec![u]),
@@ -143,7 +151,7 @@ impl RunPlan {
         }
         let mut nodes = Vec::with_capacity(a.nodes.len());
         for n in &a.nodes {
-            let n = check_nodes(fleet, *n)?;
+            let n = check_nodes(fleet.context("--nodes needs the fleet directory")?, *n)?;
             if n == 0 {
                 bail!("--nodes must be at least 1 for a run (there would be no workers)");
             }
@@ -151,15 +159,22 @@ impl RunPlan {
         }
         let thresholds = match a.fail_on.is_empty() {
             false => Threshold::parse_all(&a.fail_on).map_err(|e| anyhow!("--fail-on {e}"))?,
-            true => Threshold::parse_all(&fleet.config.run.fail_on)
-                .map_err(|e| anyhow!("fleet.toml: [run] fail_on {e}"))?,
+            // A remote run has no fleet.toml: its thresholds come from the command line only.
+            true => match fleet {
+                Some(f) => Threshold::parse_all(&f.config.run.fail_on)
+                    .map_err(|e| anyhow!("fleet.toml: [run] fail_on {e}"))?,
+                None => Vec::new(),
+            },
         };
         if a.junit.is_some() && thresholds.is_empty() {
             bail!("--junit writes one test case per threshold: give at least one with --fail-on (or [run] fail_on in fleet.toml)");
         }
         let out = match &a.out {
             Some(o) => o.clone(),
-            None => default_out(&fleet.dir.join("results"), SystemTime::now()),
+            None => {
+                let base = fleet.map(|f| f.dir.as_path()).unwrap_or(Path::new(""));
+                default_out(&base.join("results"), SystemTime::now())
+            }
         };
         Ok(RunPlan {
             matrix,
@@ -307,16 +322,17 @@ fn run_line(s: &Summary, dir: &Path) -> String {
     )
 }
 
-/// Runs the plan. `backend` is needed when the plan scales. Ctrl-C stops the test.
+/// Runs the plan. `fleet` and `backend` are needed when the plan scales. Ctrl-C stops the test.
 pub async fn run(
-    fleet: &Fleet,
+    fleet: Option<&Fleet>,
+    api: Api,
     plan: &RunPlan,
     backend: Option<&AnyBackend>,
     output: Output,
 ) -> Result<RunReport> {
     let runner = Runner {
         fleet,
-        api: Api::new(fleet)?,
+        api,
         plan,
         output,
     };
@@ -407,12 +423,13 @@ async fn scale_to(
     n: usize,
 ) -> Result<Option<String>> {
     let be = backend.context("scaling needs a backend")?;
+    let fleet = runner.fleet.context("scaling needs the fleet directory")?;
     runner.say(format_args!(
         "scaling to {n} nodes ({})",
         crate::backend::Backend::name(be)
     ));
     let plan = runner.plan;
-    scale(runner.fleet, be, n, false, plan.wait, runner.output).await?;
+    scale(fleet, be, n, false, plan.wait, runner.output).await?;
     runner.wait_workers().await
 }
 
@@ -446,7 +463,7 @@ mod tests {
         let mut argv = vec!["run", "--users", "2", "--duration", "5s", "--out", "/o"];
         argv.extend_from_slice(args);
         let cmd = <Cmd as clap::Parser>::try_parse_from(argv)?;
-        RunPlan::new(&fleet, &cmd.run)
+        RunPlan::new(Some(&fleet), &cmd.run)
     }
 
     #[test]

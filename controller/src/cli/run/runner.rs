@@ -16,7 +16,7 @@ use super::locust::{
 use super::report::{summary_md, write, Summary};
 use super::threshold::evaluate;
 use super::RunPlan;
-use crate::cli::api::{refused, Api, SMALL_LIMIT, TIMEOUT};
+use crate::cli::api::{Api, SMALL_LIMIT, TIMEOUT};
 use crate::cli::render::{self, Output};
 use crate::config::Fleet;
 use crate::daemon::SILENT_AFTER_S;
@@ -71,7 +71,8 @@ struct End {
 }
 
 pub(super) struct Runner<'a> {
-    pub(super) fleet: &'a Fleet,
+    /// The fleet directory, when the controller is its own (`None` remotely).
+    pub(super) fleet: Option<&'a Fleet>,
     pub(super) api: Api,
     pub(super) plan: &'a RunPlan,
     pub(super) output: Output,
@@ -106,7 +107,7 @@ impl Runner<'_> {
             bail!(
                 "no Locust worker joined the master within {}s of scaling; see the agents' logs (local nodes: {}/<node>/agent.log)",
                 WORKERS_WAIT.as_secs(),
-                self.fleet.local_dir().display()
+                self.fleet.map(|f| f.local_dir()).unwrap_or_default().display()
             );
         }
         Ok(Some(format!(
@@ -204,10 +205,10 @@ impl Runner<'_> {
             200 => Ok(server_time(&reset)),
             409 => bail!("{NO_WORKERS}"),
             502 => {
-                let e = refused(&r, "POST /api/swarm");
+                let e = self.api.refused(&r, "POST /api/swarm");
                 bail!("Locust refused the test ({e:#}); check state/master.log")
             }
-            _ => Err(refused(&r, "POST /api/swarm")),
+            _ => Err(self.api.refused(&r, "POST /api/swarm")),
         }
     }
 
@@ -323,7 +324,7 @@ impl Runner<'_> {
                 break "the Locust master runs without --csv and --csv-full-history (Locust answered 404); a master started by this version of `fleet serve` has them".to_string();
             }
             if r.status != 200 {
-                break format!("{:#}", refused(&r, &format!("GET {PATH}")));
+                break format!("{:#}", self.api.refused(&r, &format!("GET {PATH}")));
             }
             let text = String::from_utf8_lossy(&r.body);
             let (cut, _rows, past) = history_window(&text, from, to);

@@ -1,51 +1,15 @@
-//! `fleet status`: the fleet's nodes, what the backend says joined with what each agent
-//! reports to the controller. Everything a node reports is escaped before it is shown.
+//! The rows of `fleet status` and its text table: what the backend says of each node joined
+//! with what its agent reports, the backend's nodes alone when the controller is down, or the
+//! controller's nodes alone from a remote. Everything a node reports is escaped here.
 
 use std::collections::HashMap;
-use std::fmt;
 
-use anyhow::Result;
 use fleet_common::wire::{NodeStatus, NodeView, Standing};
 use serde::Serialize;
 
-use super::api::Api;
-use super::backends::BackendArg;
-use super::render::escape;
-use crate::backend::{Backend, NodeInfo};
-use crate::config::Fleet;
+use crate::backend::NodeInfo;
+use crate::cli::render::escape;
 use crate::daemon::SILENT_AFTER_S;
-
-/// The fleet's nodes: what the backend says joined with what each agent reports.
-#[derive(clap::Args)]
-pub struct StatusArgs {
-    #[arg(long, value_enum, default_value = "local")]
-    backend: BackendArg,
-}
-
-impl StatusArgs {
-    pub async fn run(self, fleet: &Fleet) -> Result<Status> {
-        let observed = self.backend.build(fleet).await?.observe().await?;
-        let api = Api::new(fleet)?;
-        api.report_listed(&observed).await;
-        let views = api.nodes().await?;
-        Ok(Status(join_status(&observed, &views)))
-    }
-}
-
-/// The rows of `fleet status`: a JSON array, or the text table.
-#[derive(Debug, Serialize)]
-#[serde(transparent)]
-pub struct Status(pub Vec<StatusRow>);
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        f.write_str(&status_table(&self.0, now))
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct StatusRow {
@@ -68,6 +32,8 @@ pub struct StatusRow {
     pub heartbeat_age_s: Option<f64>,
     /// Running according to the backend, but no recent heartbeat.
     pub silent: bool,
+    /// The controller could not be asked: nothing is known of the node's agent.
+    pub unknown: bool,
     /// Why it is not on the current bundle (retrying, refused), or its last error.
     pub error: Option<String>,
 }
@@ -86,50 +52,89 @@ pub fn join_status(observed: &[NodeInfo], views: &[NodeView]) -> Vec<StatusRow> 
         .collect();
     observed
         .iter()
-        .map(|n| {
-            let v = by_id.get(n.id.as_str());
-            let age = v.map(|v| v.heartbeat_age_s);
-            let standing = v.map(|v| v.standing);
-            let error = v.and_then(|v| match (&v.heartbeat.update, standing) {
-                (Some(u), Some(Standing::Retrying | Standing::Refused)) => Some(format!(
-                    "{} sequence {} ({} attempts): {}",
-                    match u.state {
-                        fleet_common::wire::UpdateState::Retrying => "retrying",
-                        fleet_common::wire::UpdateState::Refused => "refused",
-                    },
-                    u.sequence,
-                    u.attempts,
-                    u.error
-                )),
-                _ => v.heartbeat.last_error.clone(),
-            });
-            StatusRow {
-                id: escape(&n.id),
-                state: escape(&n.state),
-                place: escape(&n.place),
-                kind: escape(&n.kind),
-                launched: n.launched,
-                running: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| escape(&r.sha256))),
-                running_short: v
-                    .and_then(|v| v.heartbeat.running.as_ref().map(|r| short(&r.sha256))),
-                sequence: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sequence)),
-                status: v.map(|v| v.heartbeat.status),
-                standing,
-                workers: v
-                    .map(|v| {
-                        v.heartbeat
-                            .workers
-                            .iter()
-                            .map(|w| format!("{:?}", w.state).to_lowercase())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                heartbeat_age_s: age,
-                silent: n.live && age.is_none_or(|a| a >= SILENT_AFTER_S),
-                error: error.map(|e| escape(&e)),
-            }
+        .map(|n| row(Some(n), by_id.get(n.id.as_str()).copied()))
+        .collect()
+}
+
+/// The backend's nodes when the controller cannot be asked: agent columns unknown.
+pub fn unknown_rows(observed: &[NodeInfo]) -> Vec<StatusRow> {
+    observed
+        .iter()
+        .map(|n| StatusRow {
+            unknown: true,
+            silent: false,
+            ..row(Some(n), None)
         })
         .collect()
+}
+
+/// The nodes the controller hears from, without a backend to list them (a remote).
+pub fn controller_rows(views: &[NodeView]) -> Vec<StatusRow> {
+    views.iter().map(|v| row(None, Some(v))).collect()
+}
+
+/// One row: what the backend says of a node, what its agent reports, or both.
+fn row(n: Option<&NodeInfo>, v: Option<&NodeView>) -> StatusRow {
+    let age = v.map(|v| v.heartbeat_age_s);
+    let standing = v.map(|v| v.standing);
+    let error = v.and_then(|v| match (&v.heartbeat.update, standing) {
+        (Some(u), Some(Standing::Retrying | Standing::Refused)) => Some(format!(
+            "{} sequence {} ({} attempts): {}",
+            match u.state {
+                fleet_common::wire::UpdateState::Retrying => "retrying",
+                fleet_common::wire::UpdateState::Refused => "refused",
+            },
+            u.sequence,
+            u.attempts,
+            u.error
+        )),
+        _ => v.heartbeat.last_error.clone(),
+    });
+    // Without a backend, the controller's own view: the node's backend and address.
+    let (id, state, place, kind, launched, live) = match (n, v) {
+        (Some(n), _) => (
+            &n.id,
+            n.state.as_str(),
+            &n.place,
+            &n.kind,
+            n.launched,
+            n.live,
+        ),
+        (None, Some(v)) => (
+            &v.heartbeat.node_id,
+            "-",
+            &v.addr,
+            &v.heartbeat.backend,
+            0,
+            true,
+        ),
+        (None, None) => unreachable!("a row is of a node or of a heartbeat"),
+    };
+    StatusRow {
+        id: escape(id),
+        state: escape(state),
+        place: escape(place),
+        kind: escape(kind),
+        launched,
+        running: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| escape(&r.sha256))),
+        running_short: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| short(&r.sha256))),
+        sequence: v.and_then(|v| v.heartbeat.running.as_ref().map(|r| r.sequence)),
+        status: v.map(|v| v.heartbeat.status),
+        standing,
+        workers: v
+            .map(|v| {
+                v.heartbeat
+                    .workers
+                    .iter()
+                    .map(|w| format!("{:?}", w.state).to_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        heartbeat_age_s: age,
+        silent: live && age.is_none_or(|a| a >= SILENT_AFTER_S),
+        unknown: false,
+        error: error.map(|e| escape(&e)),
+    }
 }
 
 /// The text table of `fleet status` (rows as [`join_status`] made them: already escaped).
@@ -169,7 +174,10 @@ pub fn status_table(rows: &[StatusRow], now_unix: u64) -> String {
             r.sequence
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.status.map(NodeStatus::as_str).unwrap_or("-"),
+            match (r.unknown, r.status) {
+                (true, _) => "unknown",
+                (false, s) => s.map(NodeStatus::as_str).unwrap_or("-"),
+            },
             r.standing.map(Standing::as_str).unwrap_or("-"),
             if r.workers.is_empty() {
                 "-".to_string()
@@ -203,6 +211,7 @@ pub fn status_table(rows: &[StatusRow], now_unix: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Status;
     use super::*;
     use fleet_common::wire::{Heartbeat, Running, Update, UpdateState};
 
@@ -300,5 +309,49 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::to_value(&rows).unwrap();
         assert_eq!(json[0]["standing"], "retrying");
+    }
+
+    #[test]
+    fn a_controller_that_is_down_leaves_the_nodes_listed_as_unknown() {
+        let rows = unknown_rows(&[info("n1"), info("n2")]);
+        assert!(rows
+            .iter()
+            .all(|r| r.unknown && !r.silent && r.status.is_none()));
+        let status = Status {
+            rows,
+            unreachable: Some("https://c:8443".into()),
+        };
+        let text = status.to_string();
+        assert_eq!(
+            text.lines().filter(|l| l.contains(" unknown ")).count(),
+            2,
+            "{text}"
+        );
+        assert!(
+            text.ends_with("the controller at https://c:8443 is unreachable, so what the agents run is unknown; is `fleet serve` running?"),
+            "{text}"
+        );
+        assert!(!text.contains("SILENT"), "{text}");
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json[1]["id"], "n2");
+        assert_eq!(json[1]["unknown"], true);
+        // A controller that answers: known, and a node without a heartbeat is silent.
+        let rows = join_status(&[info("n1")], &[]);
+        assert!(!rows[0].unknown && rows[0].silent);
+    }
+
+    #[test]
+    fn without_a_backend_the_rows_are_the_nodes_the_controller_hears() {
+        let rows = controller_rows(&[view("i-1", "aa", Standing::Current, 1.0)]);
+        assert_eq!(rows[0].id, "i-1");
+        assert_eq!(
+            (rows[0].state.as_str(), rows[0].place.as_str()),
+            ("-", "127.0.0.1:1")
+        );
+        assert_eq!(rows[0].kind, "local");
+        assert_eq!(rows[0].sequence, Some(3));
+        assert!(!rows[0].silent);
+        let stale = controller_rows(&[view("i-2", "aa", Standing::Current, 60.0)]);
+        assert!(stale[0].silent);
     }
 }
