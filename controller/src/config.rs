@@ -27,7 +27,14 @@ pub const CONFIG_FILE: &str = "fleet.toml";
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
     /// The fleet's name: the `fleet` tag on every instance, and the manifest's `fleet` field.
+    /// [`check_name`]: a conservative charset, because EC2 filters treat `*` and `?` as wildcards.
     pub name: String,
+    /// The fleet's random id: the `fleet-id` tag on everything it makes on AWS, so that two
+    /// fleets with the same name never touch each other's resources. `fleet init` writes it; a
+    /// fleet.toml without one gets one on first need ([`Fleet::ensure_id`]), and an id that is
+    /// there is never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub controller: ControllerConfig,
     #[serde(default)]
     pub master: MasterConfig,
@@ -370,6 +377,10 @@ impl Fleet {
                 e.message().split_whitespace().collect::<Vec<_>>().join(" ")
             )
         })?;
+        check_name(&config.name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(id) = &config.id {
+            check_id(id).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         if !config.controller.url.starts_with("https://") {
             bail!(
                 "{}: controller.url must be https:// (fleet has no plaintext listener)",
@@ -382,6 +393,27 @@ impl Fleet {
         let dir = std::fs::canonicalize(dir)
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
         Ok(Fleet { dir, config })
+    }
+
+    /// The fleet's id, written into fleet.toml first if it has none (a fleet made before ids).
+    /// The line goes in at the top, so the operator's comments and layout stay as they are; an
+    /// id that is there is returned as is, never replaced.
+    pub fn ensure_id(&self) -> Result<String> {
+        if let Some(id) = &self.config.id {
+            return Ok(id.clone());
+        }
+        let path = self.dir.join(CONFIG_FILE);
+        let text = self.read(&path)?;
+        let (with_id, id) = add_id(&text, &new_id())?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, &with_id)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write the fleet id into {}", path.display()))?;
+        log!(
+            "{} had no fleet id; it has id = {id:?} now. Instances, groups and templates made before carry no fleet-id tag and fleet leaves them alone (docs/ec2.md, \"Fleet id\")",
+            path.display()
+        );
+        Ok(id)
     }
 
     fn rel(&self, p: &Path) -> PathBuf {
@@ -451,6 +483,70 @@ impl Fleet {
     }
 }
 
+/// Longest fleet name: room for `fleet-` prefixes in Auto Scaling group and template names.
+pub const MAX_NAME: usize = 32;
+const MAX_ID: usize = 64;
+
+/// Lower-case letters, digits and `-`, starting with a letter or digit: nothing an EC2 filter
+/// reads as a wildcard (`*`, `?`), nothing that needs quoting in a tag, a name or a shell.
+fn conservative(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+/// Checks a fleet name (`fleet init --name`, `name` in fleet.toml).
+pub fn check_name(name: &str) -> Result<()> {
+    if !conservative(name, MAX_NAME) {
+        bail!("fleet name {name:?} is not allowed: use 1 to {MAX_NAME} of a-z, 0-9 and '-', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+/// Checks a fleet id (`id` in fleet.toml): the same charset as names, up to 64 (a UUID fits).
+pub fn check_id(id: &str) -> Result<()> {
+    if !conservative(id, MAX_ID) {
+        bail!("fleet id {id:?} is not allowed: use 1 to {MAX_ID} of a-z, 0-9 and '-' (`fleet init` makes one)");
+    }
+    Ok(())
+}
+
+/// A new random fleet id: 16 hex digits (64 bits).
+pub fn new_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system RNG failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// fleet.toml's text with `id = "<id>"` added before its first line that is not a comment:
+/// a top-level key must come before the first table. Refuses a text that already has an id.
+fn add_id(text: &str, id: &str) -> Result<(String, String)> {
+    let parsed: toml::Table = text.parse().context("fleet.toml does not parse")?;
+    if parsed.contains_key("id") {
+        bail!("fleet.toml already has an id; fleet never replaces one");
+    }
+    let mut out = String::with_capacity(text.len() + 40);
+    let mut placed = false;
+    for line in text.split_inclusive('\n') {
+        if !placed && !line.trim_start().starts_with('#') {
+            out.push_str(&format!("id = {id:?}\n"));
+            placed = true;
+        }
+        out.push_str(line);
+    }
+    if !placed {
+        out.push_str(&format!("\nid = {id:?}\n"));
+    }
+    let back: FleetConfig =
+        toml::from_str(&out).context("fleet.toml with the new id does not parse")?;
+    debug_assert_eq!(back.id.as_deref(), Some(id));
+    Ok((out, id.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,5 +577,70 @@ mod tests {
         let bad = format!("{t}trusted_proxies = [\"nginx.local\"]\n");
         let e = toml::from_str::<FleetConfig>(&bad).unwrap_err().to_string();
         assert!(e.contains("\"nginx.local\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn names_and_ids_use_a_charset_no_filter_reads_as_a_pattern() {
+        for ok in ["fleet", "e2e", "load-test-2", "0abc", &"a".repeat(32)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "load*",
+            "lo?d",
+            "Load",
+            "load_test",
+            "-load",
+            "a b",
+            "ł",
+            &"a".repeat(33),
+        ] {
+            let e = check_name(bad).unwrap_err().to_string();
+            assert!(e.contains("a-z, 0-9 and '-'"), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1);
+        }
+        assert!(check_id("0123456789abcdef").is_ok());
+        assert!(check_id("6f1c2b1e-1b7a-4b0e-9c1d-2b7f2f0a9e11").is_ok());
+        assert!(check_id("abc*").is_err());
+        assert!(check_id("").is_err());
+        let a = new_id();
+        assert_eq!(a.len(), 16);
+        assert!(check_id(&a).is_ok());
+        assert_ne!(a, new_id());
+    }
+
+    #[test]
+    fn an_id_is_added_at_the_top_and_never_replaced() {
+        let t = "# my fleet\n# notes\nname = \"x\"\n\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n";
+        let (with_id, id) = add_id(t, "00ff00ff00ff00ff").unwrap();
+        assert_eq!(id, "00ff00ff00ff00ff");
+        assert!(
+            with_id.starts_with("# my fleet\n# notes\nid = \"00ff00ff00ff00ff\"\nname = \"x\"\n"),
+            "{with_id}"
+        );
+        let c: FleetConfig = toml::from_str(&with_id).unwrap();
+        assert_eq!(c.id.as_deref(), Some("00ff00ff00ff00ff"));
+        assert_eq!(c.controller.url, "https://127.0.0.1:8443");
+        let e = add_id(&with_id, "1111111111111111")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never replaces"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_without_an_id_gets_one_on_first_need_and_keeps_it() {
+        let d = tempfile::tempdir().unwrap();
+        let t = "name = \"x\"\n[controller]\nlisten = \"127.0.0.1:8443\"\nurl = \"https://127.0.0.1:8443\"\ncert_names = [\"127.0.0.1\"]\n";
+        std::fs::write(d.path().join(CONFIG_FILE), t).unwrap();
+        let f = Fleet::load(d.path()).unwrap();
+        assert_eq!(f.config.id, None);
+        let id = f.ensure_id().unwrap();
+        let again = Fleet::load(d.path()).unwrap();
+        assert_eq!(again.config.id.as_deref(), Some(id.as_str()));
+        assert_eq!(again.ensure_id().unwrap(), id, "an existing id is kept");
+        // A bad name or id in fleet.toml stops every command with one line.
+        std::fs::write(d.path().join(CONFIG_FILE), t.replace("\"x\"", "\"x*\"")).unwrap();
+        let e = Fleet::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("fleet name \"x*\" is not allowed"), "{e}");
     }
 }

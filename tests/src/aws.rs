@@ -135,6 +135,28 @@ impl Moto {
         serde_json::from_str(out.trim()).expect("instances json")
     }
 
+    /// An instance made behind fleet's back, with these tags, in `subnet`; stopped if asked.
+    pub fn run_tagged(&self, subnet: &str, ami: &str, tags: &[(&str, &str)], stop: bool) -> String {
+        let tags: Vec<serde_json::Value> = tags
+            .iter()
+            .map(|(k, v)| serde_json::json!({"Key": k, "Value": v}))
+            .collect();
+        let tags = serde_json::to_string(&tags).unwrap();
+        let out = self.boto(&format!(
+            "i = ec2.run_instances(ImageId={ami:?}, MinCount=1, MaxCount=1, SubnetId={subnet:?}, TagSpecifications=[{{'ResourceType': 'instance', 'Tags': json.loads({tags:?})}}])['Instances'][0]['InstanceId']\nif {stop}:\n    ec2.stop_instances(InstanceIds=[i])\nprint(i)",
+            stop = if stop { "True" } else { "False" },
+        ));
+        out.trim().to_string()
+    }
+
+    /// The state of each of these instances, in order.
+    pub fn states(&self, ids: &[String]) -> Vec<String> {
+        let out = self.boto(&format!(
+            "ids = {ids:?}\nr = {{}}\nfor res in ec2.describe_instances(InstanceIds=ids)['Reservations']:\n    for i in res['Instances']:\n        r[i['InstanceId']] = i['State']['Name']\nprint(json.dumps([r[i] for i in ids]))"
+        ));
+        serde_json::from_str(out.trim()).expect("states json")
+    }
+
     pub fn live_instances(&self, fleet: &str) -> Vec<String> {
         self.instances(fleet)
             .into_iter()
@@ -295,6 +317,15 @@ impl Ec2Fleet {
             subnets,
             ami,
         }
+    }
+
+    /// The fleet's id, as `fleet init` wrote it into fleet.toml.
+    pub fn fleet_id(&self) -> String {
+        let t: toml::Table = std::fs::read_to_string(self.fleet.path().join("fleet.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        t["id"].as_str().expect("fleet.toml has an id").to_string()
     }
 
     /// Runs the CLI with test credentials (the standard env-var chain).

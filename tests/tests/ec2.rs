@@ -259,3 +259,180 @@ async fn bad_input_is_one_clear_line_and_launches_nothing() {
     let r = f.scale("ec2", 2, 0);
     assert_eq!(r["live"], 2);
 }
+
+/// The one line a failed command printed, asserting it failed with it.
+fn fails_with(out: &std::process::Output, needle: &str) -> String {
+    assert!(!out.status.success(), "expected a failure with {needle:?}");
+    let e = stderr(out);
+    assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+    assert_eq!(e.trim_end().lines().count(), 1, "one line: {e:?}");
+    e
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_that_are_not_exactly_ours_are_never_counted_or_terminated() {
+    let f = Ec2Fleet::new(20.0, false);
+    let id = f.fleet_id();
+    let (subnet, ami) = (f.subnets[0].as_str(), f.ami.as_str());
+    let twin = [("fleet", "e2e"), ("fleet-id", "0000000000000001")];
+    // A second fleet directory with the same name (another id), running and stopped; an
+    // instance carrying only our name (made before ids, or by hand), stopped; our id under
+    // another name; and a fleet a wildcard `e2*` would match.
+    let foreign = vec![
+        f.moto.run_tagged(subnet, ami, &twin, false),
+        f.moto.run_tagged(subnet, ami, &twin, false),
+        f.moto.run_tagged(subnet, ami, &twin, true),
+        f.moto.run_tagged(subnet, ami, &[("fleet", "e2e")], true),
+        f.moto
+            .run_tagged(subnet, ami, &[("fleet", "e2e2"), ("fleet-id", &id)], false),
+        f.moto.run_tagged(
+            subnet,
+            ami,
+            &[("fleet", "e2x"), ("fleet-id", "0000000000000002")],
+            false,
+        ),
+    ];
+    let before = f.moto.states(&foreign);
+    assert_eq!(
+        before,
+        ["running", "running", "stopped", "stopped", "running", "running"]
+    );
+    // One of our own, stopped by someone: left alone by scale, ended by down.
+    let ours = [("fleet", "e2e"), ("fleet-id", id.as_str())];
+    let our_stopped = f.moto.run_tagged(subnet, ami, &ours, true);
+
+    let r = f.scale("ec2", 3, 0);
+    assert_eq!(r["live"], 3, "{r}");
+    assert_eq!(
+        r["launched"].as_array().unwrap().len(),
+        3,
+        "the other fleet's running instances are not ours to count: {r}"
+    );
+    assert_eq!(r["terminated"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["plan"]["cleanup"], json!([]), "{r}");
+    assert_eq!(r["plan"]["stopped"], json!([our_stopped]), "{r}");
+    assert_eq!(
+        f.moto.states(&foreign),
+        before,
+        "scale up touched nothing foreign"
+    );
+    assert_eq!(
+        f.moto.states(std::slice::from_ref(&our_stopped)),
+        ["stopped"]
+    );
+
+    let r = f.scale("ec2", 1, 0);
+    assert_eq!(r["live"], 1, "{r}");
+    assert_eq!(r["terminated"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        f.moto.states(&foreign),
+        before,
+        "scale down touched nothing foreign"
+    );
+
+    // A name EC2 would read as a pattern is refused before any AWS call.
+    let cfg = f.fleet.path().join("fleet.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, good.replace("name = \"e2e\"", "name = \"e2*\"")).unwrap();
+    for args in [
+        &["scale", "--backend", "ec2", "--nodes", "0", "--wait", "0"][..],
+        &["down", "--backend", "ec2"][..],
+    ] {
+        fails_with(&f.cli(args), "fleet name \"e2*\" is not allowed");
+    }
+    std::fs::write(&cfg, &good).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(fleet_tests::bin("fleet"))
+        .arg("--dir")
+        .arg(fresh.path())
+        .args(["init", "--name", "e2?"])
+        .output()
+        .unwrap();
+    fails_with(&init, "fleet name \"e2?\" is not allowed");
+    assert_eq!(f.moto.states(&foreign), before);
+
+    let out = f.cli(&["--output", "json", "down", "--backend", "ec2"]);
+    assert!(out.status.success(), "down: {}", stderr(&out));
+    let down: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        down["terminated"].as_array().unwrap().len(),
+        2,
+        "our last live one and our stopped one: {down}"
+    );
+    assert_eq!(
+        f.moto.states(&foreign),
+        before,
+        "down touched nothing foreign"
+    );
+    assert_ne!(f.moto.states(&[our_stopped])[0], "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_or_template_of_another_fleet_is_never_adopted_or_deleted() {
+    let f = Ec2Fleet::new(20.0, false);
+    let id = f.fleet_id();
+    // Another fleet directory with the same name made the group and template first.
+    f.moto.boto(&format!(
+        "tags = [{{'Key': 'fleet', 'Value': 'e2e'}}, {{'Key': 'fleet-id', 'Value': '0000000000000001'}}]\nec2.create_launch_template(LaunchTemplateName='fleet-e2e', LaunchTemplateData={{'ImageId': {ami:?}, 'InstanceType': 'c6i.large'}}, TagSpecifications=[{{'ResourceType': 'launch-template', 'Tags': tags}}])\nasg.create_auto_scaling_group(AutoScalingGroupName='fleet-e2e', LaunchTemplate={{'LaunchTemplateName': 'fleet-e2e', 'Version': '$Latest'}}, MinSize=0, MaxSize=5, DesiredCapacity=1, VPCZoneIdentifier={subnet:?}, Tags=[dict(t, PropagateAtLaunch=True, ResourceId='fleet-e2e', ResourceType='auto-scaling-group') for t in tags])",
+        ami = f.ami,
+        subnet = f.subnets[0],
+    ));
+    let group = || {
+        f.moto.boto("print(json.dumps([[g['DesiredCapacity'], len(g['Instances'])] for g in asg.describe_auto_scaling_groups(AutoScalingGroupNames=['fleet-e2e'])['AutoScalingGroups']]))").trim().to_string()
+    };
+    let template = || {
+        f.moto.boto("print(json.dumps([t['LaunchTemplateName'] for t in ec2.describe_launch_templates()['LaunchTemplates']]))").trim().to_string()
+    };
+    assert_eq!(group(), "[[1, 1]]");
+    for args in [
+        &["scale", "--backend", "asg", "--nodes", "2", "--wait", "0"][..],
+        &["scale", "--backend", "asg", "--nodes", "0", "--wait", "0"][..],
+        &["down", "--backend", "asg"][..],
+    ] {
+        let e = fails_with(&f.cli(args), "is not this fleet's");
+        assert!(e.contains(&format!("fleet-id={id}")), "{e}");
+    }
+    assert_eq!(group(), "[[1, 1]]", "the other fleet's group is as it was");
+    assert_eq!(template(), "[\"fleet-e2e\"]");
+
+    // The group gone, the template still someone else's: neither used nor deleted.
+    f.moto
+        .boto("asg.delete_auto_scaling_group(AutoScalingGroupName='fleet-e2e', ForceDelete=True)");
+    for args in [
+        &["scale", "--backend", "asg", "--nodes", "1", "--wait", "0"][..],
+        &["down", "--backend", "asg"][..],
+    ] {
+        fails_with(
+            &f.cli(args),
+            "launch template fleet-e2e exists but is not this fleet's",
+        );
+    }
+    assert_eq!(template(), "[\"fleet-e2e\"]");
+    assert_eq!(
+        group(),
+        "[]",
+        "no group was made on someone else's template"
+    );
+
+    // With the name free, ours carry our id, and the template pins IMDSv2 with hop limit 1.
+    f.moto
+        .boto("ec2.delete_launch_template(LaunchTemplateName='fleet-e2e')");
+    let r = f.scale("asg", 1, 0);
+    assert_eq!(r["live"], 1, "{r}");
+    let tags = f.moto.boto("g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['fleet-e2e'])['AutoScalingGroups'][0]\nt = ec2.describe_launch_templates(LaunchTemplateNames=['fleet-e2e'])['LaunchTemplates'][0]\nd = ec2.describe_launch_template_versions(LaunchTemplateName='fleet-e2e')['LaunchTemplateVersions'][0]['LaunchTemplateData']\nprint(json.dumps({'group': sorted([t['Key'], t['Value'], t['PropagateAtLaunch']] for t in g['Tags']), 'template': sorted([x['Key'], x['Value']] for x in t['Tags']), 'meta': d['MetadataOptions']}))");
+    let tags: serde_json::Value = serde_json::from_str(tags.trim()).unwrap();
+    assert_eq!(
+        tags["group"],
+        json!([["fleet", "e2e", true], ["fleet-id", id, true]])
+    );
+    assert_eq!(
+        tags["template"],
+        json!([["fleet", "e2e"], ["fleet-id", id]])
+    );
+    assert_eq!(tags["meta"]["HttpTokens"], "required");
+    assert_eq!(tags["meta"]["HttpPutResponseHopLimit"], 1);
+    let out = f.cli(&["down", "--backend", "asg"]);
+    assert!(out.status.success(), "down: {}", stderr(&out));
+    assert_eq!(group(), "[]");
+    assert_eq!(template(), "[]");
+}

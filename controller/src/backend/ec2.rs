@@ -1,4 +1,6 @@
-//! The `ec2` backend: instances launched with RunInstances, found again by their `fleet` tag.
+//! The `ec2` backend: instances launched with RunInstances, found again by their `fleet` and
+//! `fleet-id` tags ([`super::owner`]): listed by both, re-checked exactly in code, and re-checked
+//! once more, one by one, right before TerminateInstances.
 //!
 //! Launching is paced by client-side buckets shaped on EC2's documented limits
 //! ([`super::launcher`]); each RunInstances asks for as many instances as the budget allows,
@@ -22,12 +24,17 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use super::launcher::{next_batch, Limits, Pools, Step};
+use super::owner::{check_targets, refused_line, Checked, Owner, Seen};
 use super::{Backend, NodeInfo};
 use crate::aws::{classify, line, Clients, Failure};
 use crate::config::Fleet;
 
-/// The tag every instance of the fleet carries (docs/ec2.md).
-pub const FLEET_TAG: &str = "fleet";
+/// IMDS answers PUTs (the IMDSv2 token) only this many network hops away. The agent runs on
+/// the instance itself, one hop; anything behind a further hop (a container on a bridge
+/// network, a forwarded request) gets no token, so no instance-role credentials (docs/ec2.md).
+pub const METADATA_HOP_LIMIT: i32 = 1;
+/// Most values one DescribeInstances filter takes.
+const FILTER_VALUES: usize = 200;
 /// Waits on our own buckets are capped so progress is reported while waiting.
 const MAX_SLEEP: Duration = Duration::from_secs(2);
 /// Delays before retrying a transient failure (network, 5xx): doubled up to the cap.
@@ -51,6 +58,7 @@ pub struct Inflight {
 
 pub struct Ec2 {
     fleet: Fleet,
+    owner: Owner,
     pub clients: Clients,
     region_checked: tokio::sync::OnceCell<()>,
     limits: Mutex<Limits>,
@@ -59,11 +67,35 @@ pub struct Ec2 {
     backend_name: &'static str,
 }
 
-fn fleet_filter(name: &str) -> Filter {
-    Filter::builder()
-        .name(format!("tag:{FLEET_TAG}"))
-        .values(name)
+/// Filters that narrow a listing to this fleet's tags. Only a narrowing: the values are
+/// validated names and ids, but EC2 reads `*` and `?` in them as wildcards, so every instance
+/// listed is checked again with [`Owner::owns`].
+fn owner_filters(owner: &Owner) -> Vec<Filter> {
+    owner
+        .tags()
+        .iter()
+        .map(|(k, v)| {
+            Filter::builder()
+                .name(format!("tag:{k}"))
+                .values(*v)
+                .build()
+        })
+        .collect()
+}
+
+/// IMDSv2 only, with an explicit hop limit ([`METADATA_HOP_LIMIT`]).
+fn metadata_options() -> InstanceMetadataOptionsRequest {
+    InstanceMetadataOptionsRequest::builder()
+        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+        .http_tokens(HttpTokensState::Required)
+        .http_put_response_hop_limit(METADATA_HOP_LIMIT)
         .build()
+}
+
+fn tags_of(i: &aws_sdk_ec2::types::Instance) -> impl Iterator<Item = (&str, &str)> {
+    i.tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value().unwrap_or(""))))
 }
 
 fn new_token() -> String {
@@ -74,8 +106,13 @@ fn new_token() -> String {
 impl Ec2 {
     pub async fn new(fleet: &Fleet, backend_name: &'static str) -> Result<Ec2> {
         let cfg = &fleet.config.ec2;
+        let owner = Owner {
+            name: fleet.config.name.clone(),
+            id: fleet.ensure_id()?,
+        };
         let clients = crate::aws::clients(cfg).await?;
         Ok(Ec2 {
+            owner,
             region_checked: tokio::sync::OnceCell::new(),
             limits: Mutex::new(Limits::documented(cfg.time_scale, Instant::now())),
             journal: fleet.state_dir().join("ec2-inflight.json"),
@@ -88,6 +125,11 @@ impl Ec2 {
 
     fn name(&self) -> &str {
         &self.fleet.config.name
+    }
+
+    /// This fleet's name and id, as its resources are tagged.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
     }
 
     fn read_journal(&self) -> Vec<Inflight> {
@@ -236,9 +278,11 @@ impl Ec2 {
         aws_sdk_ec2::error::SdkError<aws_sdk_ec2::operation::run_instances::RunInstancesError>,
     > {
         let cfg = &self.fleet.config.ec2;
-        let tags = TagSpecification::builder()
-            .resource_type(ResourceType::Instance)
-            .tags(Tag::builder().key(FLEET_TAG).value(self.name()).build())
+        let mut tags = TagSpecification::builder().resource_type(ResourceType::Instance);
+        for (k, v) in self.owner.tags() {
+            tags = tags.tags(Tag::builder().key(k).value(v).build());
+        }
+        let tags = tags
             .tags(
                 Tag::builder()
                     .key("Name")
@@ -263,12 +307,7 @@ impl Ec2 {
             .client_token(&inflight.token)
             // The agent's max lifetime powers the node off; that must end the instance.
             .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_tokens(HttpTokensState::Required)
-                    .build(),
-            )
+            .metadata_options(metadata_options())
             .tag_specifications(tags);
         if let Some(p) = &cfg.instance_profile {
             let spec = if p.starts_with("arn:") {
@@ -300,6 +339,7 @@ impl Ec2 {
                     id: i.instance_id()?.to_string(),
                     state: "pending".into(),
                     live: true,
+                    stopped: false,
                     place: i
                         .placement()
                         .and_then(|p| p.availability_zone())
@@ -591,7 +631,7 @@ impl Backend for Ec2 {
                 .clients
                 .ec2
                 .describe_instances()
-                .filters(fleet_filter(self.name()))
+                .set_filters(Some(owner_filters(&self.owner)))
                 .filters(
                     Filter::builder()
                         .name("instance-state-name")
@@ -609,6 +649,9 @@ impl Backend for Ec2 {
             for r in page.reservations() {
                 for i in r.instances() {
                     let Some(id) = i.instance_id() else { continue };
+                    if !self.owner.owns(tags_of(i)) {
+                        continue;
+                    }
                     let state = i
                         .state()
                         .and_then(|s| s.name())
@@ -617,6 +660,7 @@ impl Backend for Ec2 {
                     out.push(NodeInfo {
                         id: id.to_string(),
                         live: state == "pending" || state == "running",
+                        stopped: state == "stopping" || state == "stopped",
                         state,
                         place: i
                             .placement()
@@ -645,6 +689,59 @@ impl Backend for Ec2 {
     }
 
     async fn terminate(&self, ids: &[String], progress: &ProgressBar) -> Result<()> {
+        let checked = self.recheck(ids).await?;
+        self.terminate_ours(&checked.ours, progress).await?;
+        if !checked.refused.is_empty() {
+            bail!(refused_line("instances", &checked.refused));
+        }
+        Ok(())
+    }
+}
+
+impl Ec2 {
+    /// Lists `ids` afresh and decides which are exactly ours ([`check_targets`]): the re-check
+    /// every destructive call goes through, however the ids were found.
+    pub async fn recheck(&self, ids: &[String]) -> Result<Checked> {
+        let mut seen = vec![];
+        for chunk in ids.chunks(FILTER_VALUES) {
+            let mut next: Option<String> = None;
+            loop {
+                self.sleep_on_describe().await;
+                let page = self
+                    .clients
+                    .ec2
+                    .describe_instances()
+                    .filters(
+                        Filter::builder()
+                            .name("instance-id")
+                            .set_values(Some(chunk.to_vec()))
+                            .build(),
+                    )
+                    .set_next_token(next.take())
+                    .send()
+                    .await
+                    .map_err(|e| line("DescribeInstances", &e))?;
+                for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                    if let Some(id) = i.instance_id() {
+                        seen.push(Seen {
+                            id: id.to_string(),
+                            tags: tags_of(i)
+                                .map(|(k, v)| (k.to_string(), v.to_string()))
+                                .collect(),
+                        });
+                    }
+                }
+                match page.next_token() {
+                    Some(t) if !t.is_empty() => next = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+        }
+        Ok(check_targets(&self.owner, ids, &seen))
+    }
+
+    /// TerminateInstances on ids [`Ec2::recheck`] found ours, paced and retried.
+    async fn terminate_ours(&self, ids: &[String], progress: &ProgressBar) -> Result<()> {
         let mut done = 0;
         let mut delay = TRANSIENT_INITIAL;
         let mut transient = 0;
@@ -703,5 +800,38 @@ impl Backend for Ec2 {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_get_imdsv2_with_an_explicit_hop_limit_of_one() {
+        let m = metadata_options();
+        assert_eq!(m.http_tokens(), Some(&HttpTokensState::Required));
+        assert_eq!(m.http_put_response_hop_limit(), Some(1));
+        assert_eq!(
+            m.http_endpoint(),
+            Some(&InstanceMetadataEndpointState::Enabled)
+        );
+    }
+
+    #[test]
+    fn listings_are_narrowed_by_both_tags() {
+        let f = owner_filters(&Owner {
+            name: "load".into(),
+            id: "0123456789abcdef".into(),
+        });
+        let got: Vec<(&str, &[String])> =
+            f.iter().map(|f| (f.name().unwrap(), f.values())).collect();
+        assert_eq!(
+            got,
+            [
+                ("tag:fleet", &["load".to_string()][..]),
+                ("tag:fleet-id", &["0123456789abcdef".to_string()][..])
+            ]
+        );
     }
 }

@@ -6,6 +6,7 @@ pub mod asg;
 pub mod ec2;
 pub mod launcher;
 pub mod local;
+pub mod owner;
 pub mod user_data;
 
 use std::future::Future;
@@ -23,6 +24,10 @@ pub struct NodeInfo {
     pub state: String,
     /// Whether it counts toward the desired number (dead and terminating nodes do not).
     pub live: bool,
+    /// Stopped on purpose by someone (an EC2 instance `stopping` or `stopped`: fleet's own
+    /// instances terminate when they shut down). `scale` neither counts nor terminates it; `down`
+    /// terminates it.
+    pub stopped: bool,
     /// Where it runs: an AZ, or `localhost`.
     pub place: String,
     /// What it is: an instance type, or `process`.
@@ -69,6 +74,8 @@ pub struct ScalePlan {
     pub terminate: Vec<String>,
     /// Dead nodes to clean up (they do not count toward the desired number).
     pub cleanup: Vec<String>,
+    /// Stopped nodes, left alone: not counted, not terminated (`fleet down` ends them).
+    pub stopped: Vec<String>,
 }
 
 impl ScalePlan {
@@ -78,19 +85,25 @@ impl ScalePlan {
 }
 
 /// The scaling decision, a pure function: launch the shortfall, or terminate the surplus
-/// newest first (the oldest have proven themselves), and always clean up the dead.
+/// newest first (the oldest have proven themselves), and always clean up the dead. Stopped
+/// nodes were stopped by someone on purpose (to look at a disk, say): they are left alone.
 pub fn plan(desired: usize, observed: &[NodeInfo]) -> ScalePlan {
-    let cleanup: Vec<String> = observed
-        .iter()
-        .filter(|n| !n.live)
-        .map(|n| n.id.clone())
-        .collect();
+    let ids = |keep: fn(&NodeInfo) -> bool| -> Vec<String> {
+        observed
+            .iter()
+            .filter(|n| keep(n))
+            .map(|n| n.id.clone())
+            .collect()
+    };
+    let cleanup = ids(|n| !n.live && !n.stopped);
+    let stopped = ids(|n| n.stopped);
     let mut live: Vec<&NodeInfo> = observed.iter().filter(|n| n.live).collect();
     if live.len() <= desired {
         return ScalePlan {
             launch: desired - live.len(),
             terminate: vec![],
             cleanup,
+            stopped,
         };
     }
     live.sort_by(|a, b| b.launched.cmp(&a.launched).then_with(|| b.id.cmp(&a.id)));
@@ -99,6 +112,7 @@ pub fn plan(desired: usize, observed: &[NodeInfo]) -> ScalePlan {
         launch: 0,
         terminate: live.iter().take(surplus).map(|n| n.id.clone()).collect(),
         cleanup,
+        stopped,
     }
 }
 
@@ -111,6 +125,7 @@ mod tests {
             id: id.into(),
             state: if live { "running" } else { "dead" }.into(),
             live,
+            stopped: false,
             place: "x".into(),
             kind: "t".into(),
             launched,
@@ -138,7 +153,8 @@ mod tests {
             ScalePlan {
                 launch: 2,
                 terminate: vec![],
-                cleanup: vec!["c".into()]
+                cleanup: vec!["c".into()],
+                stopped: vec![],
             }
         );
         // Down: newest live first.
@@ -147,7 +163,8 @@ mod tests {
             ScalePlan {
                 launch: 0,
                 terminate: vec!["d".into(), "b".into()],
-                cleanup: vec!["c".into()]
+                cleanup: vec!["c".into()],
+                stopped: vec![],
             }
         );
         assert_eq!(plan(0, &obs).terminate.len(), 3);
@@ -159,5 +176,31 @@ mod tests {
             &[node("a", true, 1), node("b", true, 1), node("c", true, 1)]
         )
         .is_empty());
+    }
+
+    #[test]
+    fn stopped_nodes_are_neither_counted_nor_terminated() {
+        let stopped = |id: &str| NodeInfo {
+            state: "stopped".into(),
+            stopped: true,
+            ..node(id, false, 5)
+        };
+        let obs = vec![node("a", true, 1), stopped("s"), node("c", false, 3)];
+        // Up: the stopped one is not a node, and it is not cleaned up either.
+        assert_eq!(
+            plan(2, &obs),
+            ScalePlan {
+                launch: 1,
+                terminate: vec![],
+                cleanup: vec!["c".into()],
+                stopped: vec!["s".into()],
+            }
+        );
+        // Down to zero: the live one goes, the stopped one stays.
+        let p = plan(0, &obs);
+        assert_eq!(p.terminate, ["a"]);
+        assert!(!p.terminate.contains(&"s".to_string()) && !p.cleanup.contains(&"s".to_string()));
+        // Converged with a stopped node around: nothing to do.
+        assert!(plan(1, &[node("a", true, 1), stopped("s")]).is_empty());
     }
 }

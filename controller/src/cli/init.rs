@@ -126,6 +126,7 @@ fn host_of(url: &str) -> String {
 
 pub fn init(dir: &Path, o: &InitOptions) -> Result<InitReport> {
     let mut r = InitReport::default();
+    crate::config::check_name(&o.name)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join(CONFIG_FILE);
     // `--force` replaces secrets, never the operator's own fleet.toml.
@@ -136,6 +137,11 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<InitReport> {
         r.kept.push(CONFIG_FILE.into());
     }
     let fleet = Fleet::load(dir)?;
+    // A fleet.toml from before fleet ids gets its id now; an existing one is kept.
+    if fleet.config.id.is_none() {
+        fleet.ensure_id()?;
+        r.created.push("id in fleet.toml".into());
+    }
 
     let spec = fleet.spec_dir();
     let lf = spec.join(&fleet.config.controller.locustfile);
@@ -209,8 +215,9 @@ fn write_config(cfg_path: &Path, o: &InitOptions) -> Result<()> {
         }
     }
     let text = format!(
-        "# fleet configuration: docs/configuration.md\nname = {name:?}\n\n[controller]\nlisten = {listen:?}\nurl = {url:?}\ncert_names = {names:?}\nspec_dir = \"spec\"\nlocustfile = \"locustfile.py\"\n\n[master]\nmanaged = true\nlocust = {locust:?}\nbind_host = \"127.0.0.1\"\nhost = \"127.0.0.1\"\nport = 5557\nweb_url = \"http://127.0.0.1:8089/locust\"\n\n[local]\nworkers = 1\nlocust = {locust:?}\n",
+        "# fleet configuration: docs/configuration.md\nname = {name:?}\n# Tags everything this fleet makes on AWS; never change it (docs/ec2.md).\nid = {id:?}\n\n[controller]\nlisten = {listen:?}\nurl = {url:?}\ncert_names = {names:?}\nspec_dir = \"spec\"\nlocustfile = \"locustfile.py\"\n\n[master]\nmanaged = true\nlocust = {locust:?}\nbind_host = \"127.0.0.1\"\nhost = \"127.0.0.1\"\nport = 5557\nweb_url = \"http://127.0.0.1:8089/locust\"\n\n[local]\nworkers = 1\nlocust = {locust:?}\n",
         name = o.name,
+        id = crate::config::new_id(),
         listen = o.listen,
         locust = o.locust,
     );
@@ -307,6 +314,8 @@ mod tests {
             .unwrap()
             .verify(&pw));
         let token = std::fs::read(f.agent_token()).unwrap();
+        let id = f.config.id.clone().expect("init writes a fleet id");
+        assert!(crate::config::check_id(&id).is_ok(), "{id}");
 
         let again = init(d.path(), &opts()).unwrap();
         assert!(again.password.is_none());
@@ -323,5 +332,26 @@ mod tests {
         .unwrap();
         assert!(forced.password.is_some());
         assert_ne!(std::fs::read(f.agent_token()).unwrap(), token);
+        assert_eq!(
+            Fleet::load(d.path()).unwrap().config.id,
+            Some(id),
+            "not even --force changes the fleet id"
+        );
+    }
+
+    #[test]
+    fn init_refuses_a_name_ec2_filters_would_read_as_a_pattern() {
+        let d = tempfile::tempdir().unwrap();
+        let e = init(
+            d.path(),
+            &InitOptions {
+                name: "load*".into(),
+                ..opts()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fleet name \"load*\" is not allowed"), "{e}");
+        assert!(!d.path().join(CONFIG_FILE).exists(), "nothing written");
     }
 }

@@ -68,7 +68,8 @@ impl fmt::Display for ScaleReport {
                 self.plan.terminate.join(", "),
                 self.plan.cleanup.len(),
                 self.live
-            )
+            )?;
+            stopped_note(f, &self.plan.stopped)
         } else {
             write!(
                 f,
@@ -78,9 +79,23 @@ impl fmt::Display for ScaleReport {
                 self.terminated.len(),
                 self.connected,
                 self.seconds
-            )
+            )?;
+            stopped_note(f, &self.plan.stopped)
         }
     }
+}
+
+/// Stopped nodes are left alone; say so, so that they are not forgotten.
+fn stopped_note(f: &mut fmt::Formatter<'_>, stopped: &[String]) -> fmt::Result {
+    if stopped.is_empty() {
+        return Ok(());
+    }
+    write!(
+        f,
+        "; left {} stopped alone ({}): `fleet down` terminates them",
+        stopped.len(),
+        stopped.join(", ")
+    )
 }
 
 /// Checks a requested node count against the fleet's safety cap.
@@ -264,6 +279,7 @@ mod tests {
             id: id.into(),
             state: "running".into(),
             live: true,
+            stopped: false,
             place: "localhost".into(),
             kind: "process".into(),
             launched: 1,

@@ -220,6 +220,7 @@ mod tests {
             id: id.into(),
             state: "running".into(),
             live: true,
+            stopped: false,
             place: "localhost".into(),
             kind: "process".into(),
             launched: 100,
