@@ -228,6 +228,13 @@ pub struct MasterConfig {
     /// Extra arguments for the managed master.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Longest wait for the web UI's answer through the `/locust/` proxy, then `504`.
+    #[serde(default = "default_proxy_timeout_s")]
+    pub proxy_timeout_s: u64,
+}
+
+fn default_proxy_timeout_s() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

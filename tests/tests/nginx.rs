@@ -50,6 +50,19 @@ fn fleet_nginx(f: &Fleet, args: &[&str], stdin: &str) -> Output {
     c.wait_with_output().unwrap()
 }
 
+/// The answer carries each security header exactly once (nginx's, not also the controller's).
+fn assert_security_headers(what: &str, r: &fleet_common::client::Response) {
+    for (name, value) in [
+        ("strict-transport-security", "max-age=31536000"),
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "frame-ancestors 'none'"),
+        ("x-content-type-options", "nosniff"),
+    ] {
+        let all: Vec<_> = r.headers.get_all(name).iter().collect();
+        assert_eq!(all, [value], "{what}: {name} in {:?}", r.headers);
+    }
+}
+
 /// nginx in the foreground, in its own process group: stopped (and its workers with it) when
 /// dropped, even if the test fails half-way.
 struct Nginx {
@@ -239,6 +252,7 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     let dash = ui.get("/", T, 1 << 20).await.unwrap();
     assert_eq!(dash.status, 200, "{}", ng.logs());
     assert!(String::from_utf8_lossy(&dash.body).contains("<html"));
+    assert_security_headers("the dashboard through nginx", &dash);
     for (who, c) in [
         ("wrong password", &wrong),
         ("no credentials", &none),
@@ -246,6 +260,8 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     ] {
         let r = c.get("/", T, 1 << 20).await.unwrap();
         assert_eq!(r.status, 401, "{who}");
+        // nginx's own refusal: only the template's `add_header ... always` sets them here.
+        assert_security_headers(who, &r);
         assert!(
             r.header("www-authenticate")
                 .is_some_and(|h| h.starts_with("Basic realm=\"fleet\"")),

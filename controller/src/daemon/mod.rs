@@ -5,13 +5,15 @@
 //! `limiter`); `agent_routes` and `operator_routes` answer the requests; `listener` serves it
 //! over TLS under a connection cap; `steward` turns spec edits into publications, which
 //! `publish` signs and keeps and `fanout` counts as they go out; `nodes` is the node table;
-//! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI.
+//! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI; `headers`
+//! sets the security headers on every answer.
 
 mod agent_routes;
 pub(crate) mod auth;
 pub(crate) mod client_ip;
 mod events;
 mod fanout;
+pub(crate) mod headers;
 mod limiter;
 mod listener;
 pub(crate) mod nodes;
@@ -117,6 +119,7 @@ impl Controller {
 /// with one line and no half-started controller.
 pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let cfg = &fleet.config;
+    crate::secrets::check_modes(&fleet.dir.join("secrets"), &fleet.dir.join("certs"))?;
     let key = load_signing_key(fleet)?;
     let tls = tls_config(
         &fleet.read(&fleet.server_pem())?,

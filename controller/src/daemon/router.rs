@@ -89,6 +89,9 @@ pub(super) fn app(state: Shared) -> Router {
         .merge(agent)
         .merge(human)
         .fallback(fallback)
+        .layer(axum::middleware::from_fn(
+            crate::daemon::headers::security_headers,
+        ))
         .with_state(state)
 }
 
