@@ -75,6 +75,11 @@ impl PasswordHash {
         })
     }
 
+    /// Whether `other` is the very same hash (same salt, iterations and output).
+    pub fn same_as(&self, other: &PasswordHash) -> bool {
+        self.iterations == other.iterations && self.salt == other.salt && self.hash == other.hash
+    }
+
     /// Constant-time (ring's `verify` compares in constant time).
     pub fn verify(&self, password: &str) -> bool {
         pbkdf2::verify(
