@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use fleet_tests::{Fleet, Options};
+use fleet_tests::{assert_security_headers, Fleet, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -63,18 +63,6 @@ async fn fake_web_ui(port: u16, answer: Option<&'static str>) {
             });
         }
     });
-}
-
-fn assert_security_headers(what: &str, r: &fleet_common::client::Response) {
-    for (name, value) in [
-        ("strict-transport-security", "max-age=31536000"),
-        ("x-frame-options", "DENY"),
-        ("content-security-policy", "frame-ancestors 'none'"),
-        ("x-content-type-options", "nosniff"),
-    ] {
-        let all: Vec<_> = r.headers.get_all(name).iter().collect();
-        assert_eq!(all, [value], "{what}: {name} in {:?}", r.headers);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use fleet_common::client::Client;
-use fleet_tests::{bin, free_port, get_from, wait_for, Fleet, Options};
+use fleet_tests::{assert_security_headers, bin, free_port, get_from, wait_for, Fleet, Options};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -48,19 +48,6 @@ fn fleet_nginx(f: &Fleet, args: &[&str], stdin: &str) -> Output {
         .expect("fleet nginx");
     c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     c.wait_with_output().unwrap()
-}
-
-/// The answer carries each security header exactly once (nginx's, not also the controller's).
-fn assert_security_headers(what: &str, r: &fleet_common::client::Response) {
-    for (name, value) in [
-        ("strict-transport-security", "max-age=31536000"),
-        ("x-frame-options", "DENY"),
-        ("content-security-policy", "frame-ancestors 'none'"),
-        ("x-content-type-options", "nosniff"),
-    ] {
-        let all: Vec<_> = r.headers.get_all(name).iter().collect();
-        assert_eq!(all, [value], "{what}: {name} in {:?}", r.headers);
-    }
 }
 
 /// nginx in the foreground, in its own process group: stopped (and its workers with it) when
