@@ -14,6 +14,9 @@
 # /tmp/fleet-ami) and in a debootstrap root under chroot (tests/ami/run.sh), so it needs no
 # running systemd and starts nothing. Running it again upgrades in place: the binary, config
 # and units are replaced, the venv is rebuilt only for another Locust version.
+# Locust and everything it needs come from ami/locust-requirements.txt, installed with
+# `pip install --require-hashes`: pip refuses any file whose sha256 is not listed there, so a
+# changed or substituted package on the index (or on a mirror, PIP_INDEX_URL) fails the build.
 # pip honours its usual environment (PIP_INDEX_URL, PIP_CERT, PIP_CACHE_DIR); without
 # PIP_CACHE_DIR nothing is cached in the image.
 set -euo pipefail
@@ -41,6 +44,10 @@ AGENT_SRC=$1
 [ -n "${LOCUST_VERSION:-}" ] || die "set LOCUST_VERSION (the Packer variable locust_version)"
 [[ $LOCUST_VERSION =~ ^[0-9]+(\.[0-9]+)*$ ]] || die "LOCUST_VERSION '$LOCUST_VERSION' is not a version"
 [ -f "$AGENT_SRC" ] || die "no agent binary at $AGENT_SRC"
+LOCK=$HERE/locust-requirements.txt
+LOCKED=$(sed -n 's/^locust==\([^[:space:]]*\).*/\1/p' "$LOCK" 2>/dev/null || true)
+[ "$LOCKED" = "$LOCUST_VERSION" ] ||
+    die "LOCUST_VERSION $LOCUST_VERSION is not the locust in $LOCK (${LOCKED:-none}); run ami/lock-requirements.sh after changing requirements.txt"
 # Staged next to its final place (the upload directory may be mounted noexec) and checked
 # there: a binary for another architecture or a newer glibc fails the build, not the node.
 install -o root -g root -m 0755 "$AGENT_SRC" "$AGENT_BIN.new"
@@ -89,9 +96,9 @@ else
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     [ -n "${PIP_CACHE_DIR:-}" ] || export PIP_NO_CACHE_DIR=1
-    say "installing locust==$LOCUST_VERSION into $VENV"
+    say "installing locust==$LOCUST_VERSION into $VENV (hash-pinned: $(grep -c -- '--hash=' "$LOCK") hashes)"
     "$VENV/bin/pip" install --quiet --no-input --disable-pip-version-check --prefer-binary \
-        "locust==$LOCUST_VERSION"
+        --require-hashes -r "$LOCK"
 fi
 # Root owns every file; nobody else may write (the agent user only reads and executes).
 chown -R root:root "$VENV"

@@ -22,7 +22,7 @@ use crate::machine::{self, Effect, Event, GenId, Machine, RunSpec, Settings};
 use crate::poller::{self, Poll};
 use crate::store::Store;
 use crate::supervisor::{self, Timing, WorkerCmd, WorkerEvent, WorkerSet};
-use crate::{heartbeat, procfs};
+use crate::{heartbeat, procfs, token};
 
 pub use crate::procfs::default_node_id;
 
@@ -238,6 +238,8 @@ enum Next {
     Stopped,
     TaskEnded(Result<(Id, &'static str), JoinError>),
     Signal(&'static str),
+    /// SIGHUP: read the token file again.
+    Hangup,
 }
 
 /// The client, the on-disk store and the last good release (a corrupt or tampered state is
@@ -324,14 +326,17 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
             "poller"
         })
         .id();
+    let token_client = client.clone();
+    let hb_cfg = cfg.clone();
     tasks.spawn(async move {
-        heartbeat::run(client, hb_rx, poll_tx).await;
+        heartbeat::run(hb_cfg, client, hb_rx, poll_tx).await;
         "heartbeat"
     });
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
     let mut hb_tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms.max(100)));
 
     loop {
@@ -345,6 +350,7 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
             Some(r) = tasks.join_next_with_id() => Next::TaskEnded(r),
             _ = sigterm.recv() => Next::Signal("SIGTERM"),
             _ = sigint.recv() => Next::Signal("SIGINT"),
+            _ = sighup.recv() => Next::Hangup,
         };
         let now = Instant::now();
         match next {
@@ -355,6 +361,10 @@ pub async fn run(cfg: Config, node_id: String) -> Result<(), AgentError> {
                 }
             }
             Next::Heartbeat => hands.publish(&machine, now),
+            Next::Hangup => {
+                let re = token::reread(&cfg, &token_client);
+                log!("{}", token::describe("SIGHUP", &re, &cfg));
+            }
             Next::Stopped => {}
             Next::TaskEnded(r) => {
                 let (task, how) = match r {

@@ -6,7 +6,8 @@
 //!   effects, owning the worker sets and the long-running tasks;
 //! - `machine`: the pure state machine (rollback, promotion, overlap, offline, lifetime);
 //! - `poller`: long-poll, verification, download (with retries) of new releases;
-//! - `heartbeat`: posts the node's state to the controller;
+//! - `heartbeat`: posts the node's state to the controller; `token`: a new agent token read
+//!   while the agent runs;
 //! - `store`: unpacked bundles and the last good manifest on disk;
 //! - [`supervisor`]: the worker processes; `procfs`: what the agent reads from `/proc`;
 //! - [`config`], [`imds`]: the layered configuration and EC2 user-data.
@@ -29,6 +30,7 @@ mod poller;
 mod procfs;
 mod store;
 pub mod supervisor;
+mod token;
 
 /// Writes `line` to stderr behind a timestamp and the program's name (what [`log!`] does).
 pub fn log_line(line: &str) {

@@ -238,7 +238,8 @@ struct Inner {
     /// `https://host:port`, the authority of HTTP/2 requests.
     origin: String,
     tls: TlsConnector,
-    auth: Option<HeaderValue>,
+    /// Replaceable while requests run ([`Client::set_auth`]): the agent picks up a new token.
+    auth: std::sync::RwLock<Option<HeaderValue>>,
     pool: Mutex<Pool>,
     /// Held while a new connection is being made, so there is one attempt at a time.
     dial: tokio::sync::Mutex<()>,
@@ -259,13 +260,7 @@ impl Client {
         let authority = hp.to_string();
         let host_header = HeaderValue::from_str(&authority)
             .map_err(|_| ClientError::BadUrl(base_url.to_string()))?;
-        let auth = match auth {
-            Some(a) => Some(
-                HeaderValue::from_str(a)
-                    .map_err(|_| ClientError::BadUrl("bad credential characters".into()))?,
-            ),
-            None => None,
-        };
+        let auth = auth.map(auth_header).transpose()?;
         let mut tls = Arc::unwrap_or_clone(tls_config(ca_pem)?);
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Client {
@@ -275,11 +270,28 @@ impl Client {
                 host_header,
                 origin: format!("https://{authority}"),
                 tls: TlsConnector::from(Arc::new(tls)),
-                auth,
+                auth: std::sync::RwLock::new(auth),
                 pool: Mutex::new(Pool::default()),
                 dial: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Sends `auth` (the whole `Authorization` value) with every request from now on, on
+    /// this client and all its clones; requests already sent keep the old one.
+    pub fn set_auth(&self, auth: &str) -> Result<(), ClientError> {
+        *self.inner.auth.write().unwrap() = Some(auth_header(auth)?);
+        Ok(())
+    }
+
+    /// Whether `auth` is the `Authorization` value sent now.
+    pub fn sends_auth(&self, auth: &str) -> bool {
+        self.inner
+            .auth
+            .read()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|a| a.as_bytes() == auth.as_bytes())
     }
 
     pub fn addr(&self) -> String {
@@ -382,8 +394,8 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let inner = &self.inner;
         let mut req = Request::builder().method(method);
-        if let Some(a) = &inner.auth {
-            req = req.header(AUTHORIZATION, a.clone());
+        if let Some(a) = inner.auth.read().unwrap().clone() {
+            req = req.header(AUTHORIZATION, a);
         }
         let payload = match body {
             Some((ct, b)) => {
@@ -552,6 +564,14 @@ impl Client {
             Ok(Sender::H1(sender))
         }
     }
+}
+
+/// An `Authorization` value, marked sensitive (hyper keeps it out of debug output).
+fn auth_header(auth: &str) -> Result<HeaderValue, ClientError> {
+    let mut v = HeaderValue::from_str(auth)
+        .map_err(|_| ClientError::BadUrl("bad credential characters".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// `fut`, failing as [`ClientError::Stalled`] if `idle` passes first.

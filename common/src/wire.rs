@@ -12,6 +12,7 @@ pub mod routes {
     pub const API_SPEC: &str = "/api/spec";
     pub const API_SWARM: &str = "/api/swarm";
     pub const API_STOP: &str = "/api/stop";
+    pub const API_RELOAD: &str = "/api/reload";
     pub const API_MASTER: &str = "/api/master";
 }
 

@@ -262,10 +262,17 @@ pub struct MasterConfig {
     /// clears its environment.
     #[serde(default = "yes")]
     pub confine: bool,
+    /// Longest wait for the web UI's answer through the `/locust/` proxy, then `504`.
+    #[serde(default = "default_proxy_timeout_s")]
+    pub proxy_timeout_s: u64,
 }
 
 fn default_master_user() -> String {
     "nobody".into()
+}
+
+fn default_proxy_timeout_s() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -75,6 +75,11 @@ impl PasswordHash {
         })
     }
 
+    /// Whether `other` is the very same hash (same salt, iterations and output).
+    pub fn same_as(&self, other: &PasswordHash) -> bool {
+        self.iterations == other.iterations && self.salt == other.salt && self.hash == other.hash
+    }
+
     /// Constant-time (ring's `verify` compares in constant time).
     pub fn verify(&self, password: &str) -> bool {
         pbkdf2::verify(
@@ -129,9 +134,103 @@ fn write_mode(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// What is wrong with the mode of one secret, `None` when nothing is: a secret file must not
+/// be readable or writable by anyone but its owner, nor a directory of secrets be open to
+/// them. The message names the command that fixes it.
+pub fn mode_problem(path: &Path, is_dir: bool, mode: u32) -> Option<String> {
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    let (what, fix) = match is_dir {
+        true => ("the secrets directory", 700),
+        false => ("a secret", 600),
+    };
+    Some(format!(
+        "{what} {} is open to other users (mode {:04o}); run `chmod {fix} {}` and start again",
+        path.display(),
+        mode & 0o7777,
+        path.display()
+    ))
+}
+
+/// Checks the modes of the fleet's secrets before the controller uses them: the `secrets/`
+/// directory and every file in it, and every `*.key` in `certs/`. The first problem is the
+/// error. Missing files are left to the code that reads them (its message says what to run).
+pub fn check_modes(secrets_dir: &Path, certs_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut targets = vec![(secrets_dir.to_path_buf(), true)];
+    for (dir, only_keys) in [(secrets_dir, false), (certs_dir, true)] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut files: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| !only_keys || p.extension().is_some_and(|x| x == "key"))
+            .collect();
+        files.sort();
+        targets.extend(files.into_iter().map(|p| (p, false)));
+    }
+    for (path, is_dir) in targets {
+        // Links are followed: a link's own mode says nothing, its target's counts.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if is_dir || meta.is_file() {
+            if let Some(problem) = mode_problem(&path, is_dir, meta.permissions().mode()) {
+                bail!(problem);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_open_to_anyone_but_its_owner_is_a_problem_that_names_the_fix() {
+        let p = Path::new("/f/secrets/agent.token");
+        assert_eq!(mode_problem(p, false, 0o100600), None);
+        assert_eq!(mode_problem(p, false, 0o400), None);
+        for open in [0o640, 0o604, 0o620, 0o644, 0o660, 0o666] {
+            let m = mode_problem(p, false, open).expect("a problem");
+            assert!(
+                m.contains("run `chmod 600 /f/secrets/agent.token`"),
+                "{open:o}: {m}"
+            );
+        }
+        let d = Path::new("/f/secrets");
+        assert_eq!(mode_problem(d, true, 0o40700), None);
+        let m = mode_problem(d, true, 0o40755).unwrap();
+        assert!(
+            m.contains("(mode 0755)") && m.contains("chmod 700 /f/secrets"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_check_walks_secrets_and_certificate_keys_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (sec, certs) = (d.path().join("secrets"), d.path().join("certs"));
+        write_secret(&sec.join("agent.token"), b"t", false).unwrap();
+        write_secret(&certs.join("ca.key"), b"k", false).unwrap();
+        write_public(&certs.join("ca.pem"), b"c", false).unwrap();
+        check_modes(&sec, &certs).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(&certs.join("ca.key"), 0o644);
+        let e = check_modes(&sec, &certs).unwrap_err().to_string();
+        assert!(e.contains("ca.key") && e.contains("chmod 600"), "{e}");
+        mode(&certs.join("ca.key"), 0o600);
+        mode(&sec.join("agent.token"), 0o640);
+        assert!(check_modes(&sec, &certs).is_err());
+        mode(&sec.join("agent.token"), 0o600);
+        mode(&sec, 0o750);
+        assert!(check_modes(&sec, &certs).is_err());
+    }
 
     #[test]
     fn password_hash_round_trip() {

@@ -390,6 +390,29 @@ else
     fail "provision.sh again"
     tail -n 20 "$WORK/provision2.log" | sed 's/^/      | /'
 fi
+# Locust came from the hash-pinned lock, exactly: every package pip froze in the venv is pinned
+# there at that version, and a lock with one wrong hash is refused (in a scratch venv).
+lock_pins() { sed -n 's/^\([A-Za-z0-9._-]*\)==\([^ ]*\).*/\1==\2/p' "$1" | tr 'A-Z_.' 'a-z--' | sort; }
+venv_pins() { in_root /opt/fleet/venv/bin/pip freeze --disable-pip-version-check | tr 'A-Z_.' 'a-z--' | sort; }
+if grep -q "hash-pinned" "$WORK/provision.log" && [ "$(lock_pins ami/locust-requirements.txt)" = "$(venv_pins)" ]; then
+    ok "the venv holds exactly ami/locust-requirements.txt ($(lock_pins ami/locust-requirements.txt | wc -l) packages, installed with --require-hashes)"
+else
+    fail "the venv differs from ami/locust-requirements.txt: $(diff <(lock_pins ami/locust-requirements.txt) <(venv_pins) | tr '\n' ' ')"
+fi
+python3 - ami/locust-requirements.txt "$RFS/tmp/fleet-ami/tampered.txt" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+# Every hash of the locust entry replaced: pip must refuse the locust files it downloads.
+entry = re.search(r"^locust==.*?(?=^\S)", text, re.S | re.M).group(0)
+open(sys.argv[2], "w").write(text.replace(entry, re.sub(r"sha256:[0-9a-f]{64}", "sha256:" + "0" * 64, entry)))
+PY
+if in_root --pip bash -c 'python3 -m venv /tmp/fleet-ami/hashcheck && /tmp/fleet-ami/hashcheck/bin/pip install --quiet --no-input --prefer-binary --require-hashes -r /tmp/fleet-ami/tampered.txt' >"$WORK/tampered.log" 2>&1; then
+    fail "pip installed from a lock with a wrong hash for locust"
+elif grep -q "DO NOT MATCH THE HASHES" "$WORK/tampered.log"; then
+    ok "a lock with a wrong hash for locust is refused by pip"
+else
+    fail "the tampered lock failed for another reason: $(tail -n 3 "$WORK/tampered.log" | tr '\n' ' ')"
+fi
 check "cleanup.sh" in_root bash /tmp/fleet-ami/cleanup.sh
 PROV_KB=$(du -sk "$RFS" | cut -f1)
 

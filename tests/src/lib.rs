@@ -531,6 +531,21 @@ impl Drop for Fleet {
     }
 }
 
+/// The security headers every answer of the controller (and of the nginx front) carries, each
+/// exactly once (docs/security.md, "Browsers").
+pub fn assert_security_headers(what: &str, r: &fleet_common::client::Response) {
+    for (name, value) in [
+        ("strict-transport-security", "max-age=31536000"),
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "frame-ancestors 'none'"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "same-origin"),
+    ] {
+        let all: Vec<_> = r.headers.get_all(name).iter().collect();
+        assert_eq!(all, [value], "{what}: {name} in {:?}", r.headers);
+    }
+}
+
 /// A locustfile for the sample target at `target` with one task per `(name, path)`.
 pub fn locustfile(target: &str, class: &str, tasks: &[(&str, &str)]) -> String {
     let mut s = format!(

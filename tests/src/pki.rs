@@ -47,3 +47,15 @@ pub fn server_tls(ca: &Ca, names: &[&str]) -> Arc<rustls::ServerConfig> {
         .expect("server certificate and key");
     Arc::new(cfg)
 }
+
+/// A server certificate for `names` issued by `ca`, and its key, both PEM: what goes into a
+/// fleet's `certs/server.pem` and `certs/server.key`.
+pub fn server_cert_pem(ca: &Ca, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("server key");
+    let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("server certificate params");
+    p.distinguished_name
+        .push(DnType::CommonName, "fleet test server");
+    let cert = p.signed_by(&key, ca).expect("server certificate");
+    (cert.pem(), key.serialize_pem())
+}

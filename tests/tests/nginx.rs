@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use fleet_common::client::Client;
-use fleet_tests::{bin, free_port, get_from, wait_for, Fleet, Options};
+use fleet_tests::{assert_security_headers, bin, free_port, get_from, wait_for, Fleet, Options};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -239,6 +239,7 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     let dash = ui.get("/", T, 1 << 20).await.unwrap();
     assert_eq!(dash.status, 200, "{}", ng.logs());
     assert!(String::from_utf8_lossy(&dash.body).contains("<html"));
+    assert_security_headers("the dashboard through nginx", &dash);
     for (who, c) in [
         ("wrong password", &wrong),
         ("no credentials", &none),
@@ -246,6 +247,8 @@ async fn nginx_front_checks_the_password_and_passes_agents_through() {
     ] {
         let r = c.get("/", T, 1 << 20).await.unwrap();
         assert_eq!(r.status, 401, "{who}");
+        // nginx's own refusal: only the template's `add_header ... always` sets them here.
+        assert_security_headers(who, &r);
         assert!(
             r.header("www-authenticate")
                 .is_some_and(|h| h.starts_with("Basic realm=\"fleet\"")),

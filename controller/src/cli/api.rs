@@ -13,6 +13,7 @@ use hyper::Method;
 use super::remote::Endpoint;
 use crate::backend::NodeInfo;
 use crate::config::Fleet;
+use crate::daemon::reload::Reloaded;
 
 /// The usual time for one call.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -190,6 +191,26 @@ impl Api {
         )
         .await
         .map_err(|e| anyhow!("cannot stop the test ({e:#}); run `fleet stop`"))
+    }
+
+    /// Asks the running controller to reload its certificate and credentials (what SIGHUP
+    /// does); `None` when no controller answered.
+    pub async fn reload(&self) -> Result<Option<Reloaded>> {
+        let r = match self
+            .client
+            .request(Method::POST, routes::API_RELOAD, None, TIMEOUT, SMALL_LIMIT)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_unreachable() => return Ok(None),
+            Err(e) => return Err(anyhow!("POST {}: {e}", routes::API_RELOAD)),
+        };
+        if r.status != 200 {
+            return Err(self.refused(&r, &format!("POST {}", routes::API_RELOAD)));
+        }
+        serde_json::from_slice(&r.body)
+            .map(Some)
+            .with_context(|| format!("POST {}: not the JSON expected", routes::API_RELOAD))
     }
 
     /// Tells the controller to forget nodes (best effort: a controller that is down learns it

@@ -22,6 +22,7 @@ mod serve;
 mod status;
 mod swarm;
 mod target;
+mod token;
 mod user_data;
 
 use std::path::PathBuf;
@@ -63,8 +64,11 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     Init(init::InitArgs),
-    /// Make a new web UI password (printed once; only its hash is stored).
+    /// Make a new web UI password (printed once; only its hash is stored); the running
+    /// controller reloads it.
     Passwd,
+    /// Rotate the agents' token on a running fleet.
+    Token(token::TokenArgs),
     Nginx(nginx::NginxArgs),
     /// Run the controller: HTTPS API, spec watcher, Locust master.
     Serve,
@@ -127,7 +131,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
     let fleet = Fleet::load(&dir)?;
     match cmd {
-        Cmd::Passwd => print(out, &passwd::run(&fleet)?),
+        Cmd::Passwd => print(out, &passwd::run(&fleet).await?),
+        Cmd::Token(a) => print(out, &a.run(&fleet).await?),
         Cmd::Nginx(a) => print(out, &a.run(&fleet)?),
         Cmd::Serve => serve::run(&fleet).await,
         Cmd::Scale(a) => print(out, &a.run(&fleet, out).await?),
@@ -152,6 +157,7 @@ impl Cmd {
         match self {
             Cmd::Init(_) => "init",
             Cmd::Passwd => "passwd",
+            Cmd::Token(_) => "token",
             Cmd::Nginx(_) => "nginx",
             Cmd::Serve => "serve",
             Cmd::Scale(_) => "scale",

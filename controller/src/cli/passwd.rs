@@ -1,4 +1,6 @@
-//! `fleet passwd`: a new web UI password, shown once; only its hash is stored.
+//! `fleet passwd`: a new web UI password, shown once; only its hash is stored. The running
+//! controller is told to reload, so the new password works at once and the old one no longer
+//! does.
 
 use std::fmt;
 
@@ -6,6 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::init::set_password;
+use super::token::{tell_controller, Told};
 use crate::config::Fleet;
 use crate::daemon::UI_USER;
 
@@ -14,18 +17,26 @@ use crate::daemon::UI_USER;
 pub struct NewPassword {
     pub user: &'static str,
     pub password: String,
+    /// What the running controller made of it.
+    pub controller: Told,
 }
 
 impl fmt::Display for NewPassword {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "web UI user: {}  password: {}", self.user, self.password)?;
-        write!(f, "restart `fleet serve` to use it")
+        writeln!(f, "{}", self.controller)?;
+        write!(
+            f,
+            "behind nginx, render its htpasswd again: fleet nginx --password-stdin"
+        )
     }
 }
 
-pub fn run(fleet: &Fleet) -> Result<NewPassword> {
+pub async fn run(fleet: &Fleet) -> Result<NewPassword> {
+    let password = set_password(fleet)?;
     Ok(NewPassword {
         user: UI_USER,
-        password: set_password(fleet)?,
+        password,
+        controller: tell_controller(fleet).await,
     })
 }

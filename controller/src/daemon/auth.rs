@@ -101,11 +101,43 @@ enum Presented {
     Nothing,
 }
 
-pub struct Auth {
-    agent_token: String,
-    operator_token: String,
-    ui: Arc<PasswordHash>,
+/// The secrets checked against, replaced as a whole by a reload (docs/security.md,
+/// "Rotation"). The cache of verified passwords belongs to one set: a reload drops it with the
+/// set, so a password verified against the old hash is never accepted after the reload, even
+/// by a check that was in flight while it happened.
+pub struct Credentials {
+    pub agent_token: String,
+    /// The agent token being rotated out: accepted like the current one until the rotation
+    /// is finished (`secrets/agent.token.previous`).
+    pub previous_agent_token: Option<String>,
+    pub operator_token: String,
+    pub ui: Arc<PasswordHash>,
     verified: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Credentials {
+    pub fn new(
+        agent_token: &str,
+        previous_agent_token: Option<&str>,
+        operator_token: &str,
+        ui: PasswordHash,
+    ) -> Credentials {
+        Credentials {
+            agent_token: agent_token.trim().to_string(),
+            previous_agent_token: previous_agent_token
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+            operator_token: operator_token.trim().to_string(),
+            ui: Arc::new(ui),
+            verified: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+pub struct Auth {
+    creds: arc_swap::ArcSwap<Credentials>,
+    /// When a request last came with the previous agent token.
+    previous_used: Mutex<Option<Instant>>,
     failures: Mutex<FailureTable>,
     trusted_proxies: Vec<Cidr>,
     hashing: Arc<Semaphore>,
@@ -117,20 +149,14 @@ impl Auth {
     /// With the default settings: the tests' constructor.
     #[cfg(test)]
     pub fn new(agent_token: &str, operator_token: &str, ui: PasswordHash) -> Auth {
-        Auth::with_settings(agent_token, operator_token, ui, Settings::default())
+        let creds = Credentials::new(agent_token, None, operator_token, ui);
+        Auth::with_settings(creds, Settings::default())
     }
 
-    pub fn with_settings(
-        agent_token: &str,
-        operator_token: &str,
-        ui: PasswordHash,
-        s: Settings,
-    ) -> Auth {
+    pub fn with_settings(creds: Credentials, s: Settings) -> Auth {
         Auth {
-            agent_token: agent_token.trim().to_string(),
-            operator_token: operator_token.trim().to_string(),
-            ui: Arc::new(ui),
-            verified: Mutex::new(HashSet::new()),
+            creds: arc_swap::ArcSwap::from_pointee(creds),
+            previous_used: Mutex::new(None),
             failures: Mutex::new(FailureTable::new(
                 s.fail_burst,
                 s.fail_refill_per_s,
@@ -143,21 +169,49 @@ impl Auth {
         }
     }
 
+    /// Checks against `creds` from now on. Requests already past their check are not
+    /// affected; passwords verified before must verify again.
+    pub fn replace(&self, creds: Credentials) {
+        self.creds.store(Arc::new(creds));
+    }
+
+    /// The secrets checked against now.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.creds.load_full()
+    }
+
+    /// How long ago a request last came with the previous agent token, if one did since
+    /// the controller started.
+    pub fn previous_token_used(&self, now: Instant) -> Option<Duration> {
+        self.previous_used
+            .lock()
+            .unwrap()
+            .map(|t| now.saturating_duration_since(t))
+    }
+
     /// The client a request counts for: the TCP peer, or the `X-Real-IP` a trusted proxy set.
     pub fn client(&self, peer: SocketAddr, real_ip: Option<&str>) -> IpAddr {
         client_ip(peer.ip(), real_ip, &self.trusted_proxies)
     }
 
     /// Sorts `authorization` without the slow hash.
-    fn presented(&self, authorization: &str) -> Presented {
+    fn presented(&self, c: &Credentials, authorization: &str) -> Presented {
         if let Some(token) = authorization.strip_prefix("Bearer ") {
             let token = token.trim().as_bytes();
-            // Both compared, always, so timing does not tell which secret was close.
-            let agent = ct_eq(token, self.agent_token.as_bytes());
-            let operator = ct_eq(token, self.operator_token.as_bytes());
-            return match (agent, operator) {
-                (true, _) => Presented::Known(Role::Agent),
-                (_, true) => Presented::Known(Role::Operator),
+            // All compared, always, so timing does not tell which secret was close (with no
+            // rotation going on, the previous token is compared with an empty one, which
+            // never matches: tokens are never empty).
+            let agent = ct_eq(token, c.agent_token.as_bytes());
+            let previous = c.previous_agent_token.as_deref().unwrap_or("");
+            let previous = ct_eq(token, previous.as_bytes()) && !previous.is_empty();
+            let operator = ct_eq(token, c.operator_token.as_bytes());
+            return match (agent, previous, operator) {
+                (true, _, _) => Presented::Known(Role::Agent),
+                (_, true, _) => {
+                    *self.previous_used.lock().unwrap() = Some(Instant::now());
+                    Presented::Known(Role::Agent)
+                }
+                (_, _, true) => Presented::Known(Role::Operator),
                 _ => Presented::Nothing,
             };
         }
@@ -165,7 +219,7 @@ impl Auth {
             return Presented::Nothing;
         };
         let cache_key: [u8; 32] = Sha256::digest(authorization.as_bytes()).into();
-        if self.verified.lock().unwrap().contains(&cache_key) {
+        if c.verified.lock().unwrap().contains(&cache_key) {
             return Presented::Known(Role::Operator);
         }
         let text = B64
@@ -184,7 +238,12 @@ impl Auth {
 
     /// The PBKDF2 check on a blocking thread, in the penalty lane when `penalised`. The permits
     /// go with the thread, so an abandoned request still counts until its hash is done.
-    async fn verify_password(&self, password: String, penalised: bool) -> Result<bool, Refusal> {
+    async fn verify_password(
+        &self,
+        ui: Arc<PasswordHash>,
+        password: String,
+        penalised: bool,
+    ) -> Result<bool, Refusal> {
         let permits = async {
             let lane = match penalised {
                 true => Some(self.penalty.clone().acquire_owned().await),
@@ -195,7 +254,6 @@ impl Auth {
         let Ok((lane, thread)) = tokio::time::timeout(self.hash_wait, permits).await else {
             return Err(Refusal::Busy);
         };
-        let ui = self.ui.clone();
         tokio::task::spawn_blocking(move || {
             let ok = ui.verify(&password);
             drop((lane, thread));
@@ -213,7 +271,8 @@ impl Auth {
         need: Role,
     ) -> Result<(), Refusal> {
         let key = failure_key(client);
-        let role = match authorization.map(|a| self.presented(a)) {
+        let c = self.creds.load_full();
+        let role = match authorization.map(|a| self.presented(&c, a)) {
             Some(Presented::Known(role)) => Some(role),
             Some(Presented::Password {
                 cache_key,
@@ -226,9 +285,11 @@ impl Auth {
                     .unwrap()
                     .over_budget(key, Instant::now());
                 // Checked whether or not the user name matched: timing does not tell.
-                let password_ok = self.verify_password(password, penalised).await?;
+                let password_ok = self
+                    .verify_password(c.ui.clone(), password, penalised)
+                    .await?;
                 (user_ok && password_ok).then(|| {
-                    let mut v = self.verified.lock().unwrap();
+                    let mut v = c.verified.lock().unwrap();
                     if v.len() >= CACHE_MAX {
                         v.clear();
                     }
@@ -320,6 +381,77 @@ mod tests {
         assert_eq!(
             a.check(None, ip, Role::Operator).await,
             Err(Refusal::Unauthorized)
+        );
+    }
+
+    #[tokio::test]
+    async fn during_a_rotation_both_agent_tokens_open_agent_routes_and_the_old_one_is_noticed() {
+        let a = auth_with(1000);
+        let ip = ip("127.0.0.1");
+        let ui = || PasswordHash::parse(&crate::secrets::hash_password_with("pw", 1000)).unwrap();
+        a.replace(Credentials::new(
+            "agent-new",
+            Some("agent-secret"),
+            "operator-secret",
+            ui(),
+        ));
+        assert_eq!(a.previous_token_used(Instant::now()), None);
+        assert_eq!(
+            a.check(Some("Bearer agent-new"), ip, Role::Agent).await,
+            Ok(())
+        );
+        assert_eq!(a.previous_token_used(Instant::now()), None);
+        assert_eq!(
+            a.check(Some("Bearer agent-secret"), ip, Role::Agent).await,
+            Ok(())
+        );
+        assert!(a
+            .previous_token_used(Instant::now())
+            .is_some_and(|d| d < Duration::from_secs(1)));
+        assert_eq!(
+            a.check(Some("Bearer agent-secret"), ip, Role::Operator)
+                .await,
+            Err(Refusal::Unauthorized),
+            "the previous agent token has an agent's rights only"
+        );
+        // Finished: the previous token is refused.
+        a.replace(Credentials::new("agent-new", None, "operator-secret", ui()));
+        assert_eq!(
+            a.check(Some("Bearer agent-secret"), ip, Role::Agent).await,
+            Err(Refusal::Unauthorized)
+        );
+        assert_eq!(
+            a.check(Some("Bearer "), ip, Role::Agent).await,
+            Err(Refusal::Unauthorized),
+            "no previous token is not an empty one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_password_replaces_the_old_one_even_when_it_was_cached() {
+        let a = auth_with(1000);
+        let ip = ip("127.0.0.1");
+        assert_eq!(
+            a.check(Some(&basic("fleet", "pw")), ip, Role::Operator)
+                .await,
+            Ok(())
+        );
+        let new = crate::secrets::hash_password_with("pw2", 1000);
+        a.replace(Credentials::new(
+            "agent-secret",
+            None,
+            "operator-secret",
+            PasswordHash::parse(&new).unwrap(),
+        ));
+        assert_eq!(
+            a.check(Some(&basic("fleet", "pw")), ip, Role::Operator)
+                .await,
+            Err(Refusal::Unauthorized)
+        );
+        assert_eq!(
+            a.check(Some(&basic("fleet", "pw2")), ip, Role::Operator)
+                .await,
+            Ok(())
         );
     }
 
@@ -443,7 +575,7 @@ mod tests {
         // Slow enough that a check on the runtime's only thread would stop the ticker below.
         let a = Arc::new(auth_with(100_000));
         let t = Instant::now();
-        assert!(!a.ui.verify("x"));
+        assert!(!a.credentials().ui.verify("x"));
         let one = t.elapsed();
         let flood: Vec<_> = (0..6)
             .map(|i| {

@@ -685,6 +685,7 @@ mod tests {
                 "operator-tok",
                 ui,
             )),
+            reload: Arc::new(|| anyhow::bail!("no reload in this test")),
             name: "snap".into(),
         };
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();

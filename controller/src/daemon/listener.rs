@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::http::{header, HeaderValue};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::daemon::reload::CertResolver;
 use crate::daemon::router::Peer;
 
 /// Connections answered at once past the cap, each for at most [`SHED_TIMEOUT`].
@@ -38,33 +39,18 @@ pub const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// shedding), with the count of what it stands for.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The rustls server config: exactly one certificate chain and one private key, ring as the
-/// explicit provider (as in the client), session tickets and a session cache so clients that
-/// reconnect resume instead of paying a full handshake. ALPN offers HTTP/2 first (an agent
-/// multiplexes its long-poll, heartbeats and downloads over one connection), then HTTP/1.1
-/// (nginx's upstream connections, curl, old clients).
-pub(super) fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("server certificate is not valid PEM")?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "server certificate file holds no certificate"
-    );
-    let mut keys: Vec<_> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .context("server key is not valid PEM")?
-        .into_iter()
-        .collect();
-    anyhow::ensure!(
-        keys.len() == 1,
-        "server key file must hold exactly one private key"
-    );
+/// The rustls server config: the certificate from `certs` (exactly one chain and one private
+/// key, swapped in place on reload: `reload::CertResolver`), ring as the explicit provider (as
+/// in the client), session tickets and a session cache so clients that reconnect resume
+/// instead of paying a full handshake. ALPN offers HTTP/2 first (an agent multiplexes its
+/// long-poll, heartbeats and downloads over one connection), then HTTP/1.1 (nginx's upstream
+/// connections, curl, old clients).
+pub(super) fn tls_config(certs: Arc<CertResolver>) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, keys.remove(0))
-        .context("server certificate and key do not match")?;
+        .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;

@@ -5,13 +5,15 @@
 //! `limiter`); `agent_routes` and `operator_routes` answer the requests; `listener` serves it
 //! over TLS under a connection cap; `steward` turns spec edits into publications, which
 //! `publish` signs and keeps and `fanout` counts as they go out; `nodes` is the node table;
-//! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI.
+//! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI; `headers`
+//! sets the security headers on every answer.
 
 mod agent_routes;
 pub(crate) mod auth;
 pub(crate) mod client_ip;
 mod events;
 mod fanout;
+pub(crate) mod headers;
 mod limiter;
 mod listener;
 pub(crate) mod nodes;
@@ -19,6 +21,7 @@ mod nofile;
 mod operator_routes;
 mod proxy;
 mod publish;
+pub(crate) mod reload;
 mod router;
 mod steward;
 mod tasks;
@@ -44,7 +47,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Fleet;
 use crate::master::Master;
-use crate::secrets::PasswordHash;
 use auth::Auth;
 use listener::{serve_tls, tls_config};
 use nodes::Nodes;
@@ -63,19 +65,35 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// `fleet serve`: starts the controller and runs it until SIGINT or SIGTERM (then `Ok`), or
 /// until one of its long-running tasks ends (then the error that names it); the Locust master
 /// is stopped either way.
+///
+/// SIGHUP reloads the server certificate and the credentials (`reload`); a reload that fails
+/// is logged and changes nothing.
 pub async fn serve(fleet: &Fleet) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let controller = start(fleet).await?;
+    let reload = controller.state.reload.clone();
     controller
         .run_until(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => log_reload("SIGHUP", reload()),
+                }
             }
             log!("stopping");
         })
         .await
+}
+
+/// The log line of a reload, whoever asked for it.
+pub(crate) fn log_reload(why: &str, r: Result<reload::Reloaded>) {
+    match r {
+        Ok(r) => log!("{why}: {r}"),
+        Err(e) => log!("{why}: {e:#}"),
+    }
 }
 
 /// A running controller. It owns its long-running tasks: the TLS server loop and the spec
@@ -117,12 +135,16 @@ impl Controller {
 /// with one line and no half-started controller.
 pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let cfg = &fleet.config;
+    let loaded = reload::load(fleet)?;
     let key = load_signing_key(fleet)?;
-    let tls = tls_config(
-        &fleet.read(&fleet.server_pem())?,
-        &fleet.read(&fleet.server_key())?,
-    )?;
-    let auth = load_auth(fleet)?;
+    let certs = Arc::new(reload::CertResolver::new(loaded.cert));
+    let tls = tls_config(certs.clone())?;
+    let auth = Arc::new(Auth::with_settings(loaded.creds, auth_settings(fleet)));
+    let reloader = reload::Reloader {
+        fleet: fleet.clone(),
+        certs,
+        auth: auth.clone(),
+    };
     let spec_dir = fleet.spec_dir();
     anyhow::ensure!(
         spec_dir.is_dir(),
@@ -161,7 +183,8 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         publisher: publisher.clone(),
         nodes: Arc::new(Nodes::new(cfg.controller.node_limits())),
         master: master.clone(),
-        auth: Arc::new(auth),
+        auth,
+        reload: Arc::new(move || reloader.reload()),
         name: cfg.name.clone(),
     });
     let (watcher, edits) = watch_spec(&spec_dir)?;
@@ -204,21 +227,15 @@ fn load_signing_key(fleet: &Fleet) -> Result<SigningKey> {
     SigningKey::from_pkcs8(&der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The agents' token, the operator's token and the UI password's hash, with the failure
-/// budget and the trusted proxies from the config.
-fn load_auth(fleet: &Fleet) -> Result<Auth> {
+/// The failure budget and the trusted proxies from the config (the credentials themselves
+/// come from `reload::load`).
+fn auth_settings(fleet: &Fleet) -> auth::Settings {
     let c = &fleet.config.controller;
-    let ui = PasswordHash::parse(&fleet.read(&fleet.ui_hash())?)?;
-    Ok(Auth::with_settings(
-        &fleet.read(&fleet.agent_token())?,
-        &fleet.read(&fleet.operator_token())?,
-        ui,
-        auth::Settings {
-            fail_burst: c.auth_fail_burst,
-            fail_refill_per_s: c.auth_fail_refill_per_s,
-            trusted_proxies: c.trusted_proxies.clone(),
-        },
-    ))
+    auth::Settings {
+        fail_burst: c.auth_fail_burst,
+        fail_refill_per_s: c.auth_fail_refill_per_s,
+        trusted_proxies: c.trusted_proxies.clone(),
+    }
 }
 
 /// Watches the spec directory: one message per change (reads are not changes), for the

@@ -117,6 +117,22 @@ pub(super) async fn api_stop(State(st): State<Shared>) -> Response {
     }
 }
 
+/// `POST /api/reload`: what SIGHUP does (the certificate and the credentials), answered with
+/// what changed; `422` with the reason when the files on disk are not a valid set (then
+/// nothing changed).
+pub(super) async fn api_reload(State(st): State<Shared>) -> Response {
+    let reload = st.reload.clone();
+    let r = tokio::task::spawn_blocking(move || reload())
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload failed: {e}")));
+    let answer = match &r {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
+    };
+    crate::daemon::log_reload("POST /api/reload", r);
+    answer
+}
+
 /// The dashboard page with the fleet's name in it.
 pub(super) async fn dashboard(State(st): State<Shared>) -> Response {
     let page = include_str!("dashboard.html").replace("{{fleet}}", &html_escape(&st.name));

@@ -3,6 +3,7 @@
 //! The master runs with `--web-base-path /locust`, so paths pass through unchanged. What the
 //! proxy fixes (docs/locust.md, "The web UI and REST API, as a proxy in front sees them"): the
 //! 308 from `/locust` carries an absolute `http://` Location, made relative here;
+//! an answer that does not come is a `504` after `master.proxy_timeout_s`;
 //! `Access-Control-Allow-Origin: *` is dropped; the operator's
 //! `Authorization` header is never forwarded. A `POST /locust/swarm` is also recorded, so the
 //! controller re-starts that test after a master restart.
@@ -72,15 +73,11 @@ pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let resp = match api.client().request(out).await {
-        Ok(r) => r,
-        Err(_) => {
-            return (
-                StatusCode::BAD_GATEWAY,
-                "the Locust master's web UI is not reachable (is it starting?)\n",
-            )
-                .into_response()
-        }
+    let timeout = st.master.proxy_timeout();
+    let resp = match tokio::time::timeout(timeout, api.client().request(out)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return upstream_failure(Failure::Error(&e), timeout),
+        Err(_) => return upstream_failure(Failure::NoAnswer, timeout),
     };
     let (mut rparts, rbody) = resp.into_parts();
     rparts.headers.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
@@ -106,6 +103,55 @@ pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
         }
     }
     Response::from_parts(rparts, Body::new(rbody))
+}
+
+/// Why the web UI gave no answer.
+enum Failure<'a> {
+    /// The client failed: no connection (refused, or none within
+    /// [`crate::master::CONNECT_TIMEOUT`]), or the connection broke.
+    Error(&'a hyper_util::client::legacy::Error),
+    /// Connected, but no answer's head within `master.proxy_timeout_s`.
+    NoAnswer,
+}
+
+/// The answer for a request the web UI did not answer: `504` when it was too slow (to connect
+/// or to answer), `502` when it is not there; one line that says what to do.
+fn upstream_failure(f: Failure<'_>, timeout: Duration) -> Response {
+    let connect_timed_out = |e: &hyper_util::client::legacy::Error| {
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            if c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                return e.is_connect();
+            }
+            cause = c.source();
+        }
+        false
+    };
+    let (status, msg) = match f {
+        Failure::NoAnswer => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the Locust master's web UI did not answer within {} s (is it overloaded?); \
+                 retry, or raise master.proxy_timeout_s\n",
+                timeout.as_secs()
+            ),
+        ),
+        Failure::Error(e) if connect_timed_out(e) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no connection to the Locust master's web UI within {} s; check master.web_url \
+                 and that the master is running\n",
+                crate::master::CONNECT_TIMEOUT.as_secs()
+            ),
+        ),
+        Failure::Error(_) => (
+            StatusCode::BAD_GATEWAY,
+            "the Locust master's web UI is not reachable (is it starting?)\n".to_string(),
+        ),
+    };
+    (status, msg).into_response()
 }
 
 /// A test started or stopped through the Locust UI: the swarm keeper holds it (or forgets it)

@@ -17,16 +17,19 @@ use fleet_common::wire::routes;
 use crate::daemon::auth::{Auth, Refusal, Role};
 use crate::daemon::nodes::Nodes;
 use crate::daemon::publish::Publisher;
+use crate::daemon::reload::Reloaded;
 use crate::daemon::{agent_routes, operator_routes};
 use crate::master::Master;
 
 /// What every handler reads: the publications, the node table, the Locust master, the
-/// credentials, and the fleet's name.
+/// credentials and how to reload them, and the fleet's name.
 pub(crate) struct AppState {
     pub publisher: Arc<Publisher>,
     pub nodes: Arc<Nodes>,
     pub master: Master,
     pub auth: Arc<Auth>,
+    /// Reloads the certificate and the credentials (`reload::Reloader::reload`).
+    pub reload: Arc<dyn Fn() -> anyhow::Result<Reloaded> + Send + Sync>,
     pub name: String,
 }
 
@@ -80,6 +83,7 @@ pub(super) fn app(state: Shared) -> Router {
         )
         .route(routes::API_SWARM, post(operator_routes::api_swarm))
         .route(routes::API_STOP, post(operator_routes::api_stop))
+        .route(routes::API_RELOAD, post(operator_routes::api_reload))
         .route("/locust", any(crate::daemon::proxy::locust))
         .route("/locust/", any(crate::daemon::proxy::locust))
         .route("/locust/{*rest}", any(crate::daemon::proxy::locust))
@@ -89,6 +93,9 @@ pub(super) fn app(state: Shared) -> Router {
         .merge(agent)
         .merge(human)
         .fallback(fallback)
+        .layer(axum::middleware::from_fn(
+            crate::daemon::headers::security_headers,
+        ))
         .with_state(state)
 }
 

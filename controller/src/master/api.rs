@@ -14,6 +14,10 @@ use serde::Deserialize;
 /// "How many workers one master holds"), and a keeper poll must not hang behind it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new connection to the web UI may take: it is on loopback, or (an external
+/// master) inside the VPC, so a connection that takes longer is not coming.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a call to the master's web API failed: the master is not there, it answered with an
 /// HTTP error, or Locust itself declined (it answers its own errors as HTTP 200).
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +82,9 @@ pub struct LocustApi {
 
 impl LocustApi {
     pub fn new(base: &str) -> LocustApi {
-        let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         LocustApi {
             base: base.trim_end_matches('/').to_string(),
             http,

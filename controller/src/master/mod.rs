@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{Id, JoinSet};
 
-pub use api::{ApiError, LocustApi, Stats};
+pub use api::{ApiError, LocustApi, Stats, CONNECT_TIMEOUT};
 pub use classes::user_classes;
 use keeper::Desired;
 use supervisor::{Cmd, Supervisor};
@@ -140,6 +140,11 @@ pub struct Master {
 }
 
 impl Master {
+    /// How long the `/locust/` proxy waits for the web UI's answer (`master.proxy_timeout_s`).
+    pub fn proxy_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.cfg.proxy_timeout_s.max(1))
+    }
+
     /// Starts the supervisor (for a managed master) and the keeper. `state_dir` keeps
     /// `master.json` and `master.log`. Call within a Tokio runtime.
     pub fn start(cfg: MasterConfig, locustfile: &str, state_dir: &Path) -> Master {

@@ -175,6 +175,24 @@ mod tests {
     }
 
     #[test]
+    fn the_template_sends_the_controllers_security_headers_once_each() {
+        let t = super::super::TEMPLATE.to_ascii_lowercase();
+        for (name, value) in crate::daemon::headers::SECURITY_HEADERS {
+            let add = format!("add_header {name} \"{value}\" always;").to_ascii_lowercase();
+            assert_eq!(t.matches(&add).count(), 1, "{add}");
+            let hide = format!("proxy_hide_header {name};");
+            assert_eq!(t.matches(&hide).count(), 1, "{hide}");
+        }
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.trim_start().starts_with("add_header "))
+                .count(),
+            crate::daemon::headers::SECURITY_HEADERS.len(),
+            "an add_header elsewhere would stop a location inheriting the set"
+        );
+    }
+
+    #[test]
     fn template_sections_and_placeholders() {
         let t = "a {{x}}\n# {{#on}}\nb\n# {{/on}}\n# {{#off}}\nc {{nope}}\n# {{/off}}\nd\n";
         let r = render_template(t, &[("x", "1".into())], &[("on", true), ("off", false)]).unwrap();

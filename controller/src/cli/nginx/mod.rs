@@ -150,7 +150,7 @@ impl fmt::Display for Rendered {
             writeln!(f, "web UI user: {UI_USER}  password: {p}")?;
             writeln!(
                 f,
-                "the password is shown only now; restart `fleet serve` to use it"
+                "the password is shown only now; send SIGHUP to `fleet serve` (systemctl reload fleet-controller) to use it"
             )?;
         }
         if let Some(u) = &self.user {
