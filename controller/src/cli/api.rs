@@ -59,6 +59,27 @@ impl Api {
             })
     }
 
+    /// One request with a raw body (`content_type`, bytes); any HTTP status is an answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response> {
+        self.client
+            .request(method.clone(), path, body, timeout, limit)
+            .await
+            .map_err(|e| match e {
+                ClientError::Body { .. } => anyhow!("{method} {path}: answer over {limit} bytes"),
+                e => anyhow!(
+                    "controller {} unreachable ({e}); is `fleet serve` running?",
+                    self.url
+                ),
+            })
+    }
+
     /// A request that must answer 200.
     pub async fn ok(
         &self,

@@ -14,6 +14,7 @@ mod render;
 mod run;
 mod scale;
 mod serve;
+mod spec;
 mod status;
 mod swarm;
 mod target;
@@ -60,6 +61,7 @@ enum Cmd {
     /// Stop the running test.
     Stop,
     Run(run::RunArgs),
+    Spec(spec::SpecArgs),
     Target(target::TargetArgs),
     Demo(demo::DemoArgs),
 }
@@ -87,6 +89,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Swarm(a) => print(out, &a.run(&fleet).await?),
         Cmd::Stop => print(out, &swarm::stop(&fleet).await?),
         Cmd::Run(a) => print(out, &a.run(&fleet, out).await?),
+        Cmd::Spec(a) => a.run(&fleet, out).await,
         Cmd::Init(_) | Cmd::Target(_) | Cmd::Demo(_) => unreachable!("handled above"),
     }
 }

@@ -21,7 +21,7 @@ mod operator_routes;
 mod proxy;
 mod publish;
 mod router;
-mod spec;
+pub(crate) mod spec;
 mod steward;
 mod tasks;
 

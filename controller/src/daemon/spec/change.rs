@@ -128,7 +128,7 @@ pub fn spec_path(raw: &str) -> Result<String, String> {
 /// over it, so no reader ever sees half a file; files and directories `from` lacks are removed.
 /// Hidden names and the other entries packing ignores are left alone. Returns how many entries
 /// were written or removed (0: the directory already held it, and nothing was touched).
-pub fn mirror(from: &Path, to: &Path) -> io::Result<usize> {
+pub(crate) fn mirror(from: &Path, to: &Path) -> io::Result<usize> {
     let mut changed = 0;
     copy_into(from, to, &mut changed)?;
     prune(from, to, &mut changed)?;

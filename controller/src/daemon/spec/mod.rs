@@ -10,7 +10,7 @@
 //!
 //! `tree` reads versions (files, one file, diffs) from their bundles; `routes` answers HTTP.
 
-pub(super) mod change;
+pub(crate) mod change;
 pub(super) mod gate;
 pub(super) mod routes;
 pub(super) mod tree;
