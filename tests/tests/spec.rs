@@ -43,18 +43,6 @@ fn refused(f: &Fleet, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Sets `[spec]` keys in the fleet's `fleet.toml`.
-fn spec_settings(f: &Fleet, settings: &[(&str, toml::Value)]) {
-    let p = f.path().join("fleet.toml");
-    let mut t: toml::Table = std::fs::read_to_string(&p).unwrap().parse().unwrap();
-    let mut s = toml::Table::new();
-    for (k, v) in settings {
-        s.insert(k.to_string(), v.clone());
-    }
-    t.insert("spec".into(), s.into());
-    std::fs::write(&p, toml::to_string(&t).unwrap()).unwrap();
-}
-
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -262,9 +250,9 @@ async fn still_current(f: &Fleet, sha1: &str) {
 async fn the_gate_refuses_broken_specs_with_their_reason_and_a_running_agent_keeps_its_bundle() {
     let mut f = Fleet::new(Options {
         worker_command: Some(vec!["sh".into(), "-c".into(), "exec sleep 3600".into()]),
+        spec_settings: vec![("validate_timeout_s".into(), 4.into())],
         ..Options::default()
     });
-    spec_settings(&f, &[("validate_timeout_s", 4.into())]);
     let sha1 = start(&mut f).await;
     let o = f.cli(&["scale", "--nodes", "1"]);
     assert!(o.status.success(), "scale: {}", text(&o));
