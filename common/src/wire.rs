@@ -14,6 +14,12 @@ pub mod routes {
     pub const API_STOP: &str = "/api/stop";
     pub const API_RELOAD: &str = "/api/reload";
     pub const API_MASTER: &str = "/api/master";
+    /// The spec editor's routes (docs/protocol.md, "Editing the spec").
+    pub const API_SPEC_FILES: &str = "/api/spec/files";
+    pub const API_SPEC_FILE: &str = "/api/spec/file";
+    pub const API_SPEC_DIFF: &str = "/api/spec/diff";
+    pub const API_SPEC_BUNDLE: &str = "/api/spec/bundle";
+    pub const API_SPEC_ROLLBACK: &str = "/api/spec/rollback";
 }
 
 /// The highest sequence number a controller learns from an agent's heartbeat (2^53, so it
@@ -275,15 +281,51 @@ pub struct SpecVersion {
     pub size: u64,
     pub master_epoch: u64,
     pub created: String,
+    /// What made this version: `directory` (an edit on disk), `push`, `edit PATH`,
+    /// `delete PATH`, `rollback to N`, `master restart`, `count past N`.
+    #[serde(default)]
+    pub origin: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpecView {
     pub current: Option<SpecVersion>,
     /// Newest first.
     pub history: Vec<SpecVersion>,
-    /// The last spec directory error (a symlink, a missing locustfile...), if any.
+    /// The last spec directory error (a symlink, a missing locustfile, a spec the validation
+    /// gate refused...), if any: one line.
     pub last_error: Option<String>,
+    /// The last spec the validation gate refused, until a spec is published again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<GateRefusal>,
+    /// How specs are checked before they are published: `locust --list (timeout 20 s)`, or
+    /// `off (...)` with the reason.
+    #[serde(default)]
+    pub gate: String,
+    /// How the controller packs specs, so that `fleet spec push` from a laptop packs the same
+    /// way (absent from older controllers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<PackRules>,
+}
+
+/// The packing settings a spec upload must follow (`[controller] locustfile` and
+/// `max_bundle_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRules {
+    pub locustfile: String,
+    pub max_bundle_bytes: u64,
+}
+
+/// A spec the validation gate refused: what, why in one line, and the last lines of Locust's
+/// output (a traceback's end, with paths relative to the spec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateRefusal {
+    pub sha256: String,
+    /// Where it came from, as [`SpecVersion::origin`].
+    pub origin: String,
+    pub reason: String,
+    pub output: Vec<String>,
+    pub at: String,
 }
 
 /// `POST /api/swarm`.

@@ -52,6 +52,7 @@ pub struct FleetConfig {
     pub nginx: NginxConfig,
     #[serde(default)]
     pub run: RunConfig,
+    pub spec: SpecConfig,
 }
 
 /// Defaults for `fleet run` (docs/run.md).
@@ -61,6 +62,32 @@ pub struct RunConfig {
     /// Thresholds that fail a run, in `--fail-on`'s syntax; `--fail-on` replaces them.
     #[serde(default)]
     pub fail_on: Vec<String>,
+}
+
+/// The validation gate every new spec passes before it is published (docs/configuration.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecConfig {
+    /// Load each new spec with `locust --list` before publishing it; `false` publishes specs
+    /// unchecked (for specs that import what only the nodes have).
+    #[serde(default = "yes")]
+    pub validate: bool,
+    /// How long loading one spec may take.
+    #[serde(default = "default_validate_timeout_s")]
+    pub validate_timeout_s: f64,
+    /// The `locust` that checks specs; default `master.locust` when the master is managed. With
+    /// an external master and no value here, the gate is off.
+    pub locust: Option<String>,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_validate_timeout_s() -> f64 {
+    20.0
 }
 
 /// The optional nginx front that `fleet nginx` renders (docs/nginx.md). Every field is optional;

@@ -191,6 +191,8 @@ pub struct Options {
     pub debounce_ms: u64,
     /// Extra `[controller]` settings.
     pub controller_settings: Vec<(String, toml::Value)>,
+    /// `[spec]` settings (the validation gate).
+    pub spec_settings: Vec<(String, toml::Value)>,
 }
 
 impl Default for Options {
@@ -202,6 +204,7 @@ impl Default for Options {
             managed_master: true,
             debounce_ms: 100,
             controller_settings: vec![],
+            spec_settings: vec![],
         }
     }
 }
@@ -256,6 +259,12 @@ impl Fleet {
             c.insert("debounce_ms".into(), (o.debounce_ms as i64).into());
             for (k, v) in &o.controller_settings {
                 c.insert(k.clone(), v.clone());
+            }
+            if !o.spec_settings.is_empty() {
+                t.insert(
+                    "spec".into(),
+                    toml::Table::from_iter(o.spec_settings.iter().cloned()).into(),
+                );
             }
             let m = t["master"].as_table_mut().unwrap();
             m.insert("managed".into(), o.managed_master.into());

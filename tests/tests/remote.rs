@@ -193,6 +193,54 @@ async fn a_laptop_with_the_ca_and_the_token_steers_the_fleet() {
     assert!(results[0].join("report.html").exists());
     assert!(f.get_json("/api/master").await.unwrap()["swarm"].is_null());
 
+    // The spec from the laptop: pull, edit, push (the agents run it), log, diff, rollback.
+    let work = lap.join("spec");
+    let pulled = ok(
+        &laptop_cli(lap, &[], &["--output", "json", "spec", "pull", "spec"]),
+        "spec pull via the remote",
+    );
+    assert_eq!(pulled["sha256"], sha.as_str(), "{pulled}");
+    let edited = locustfile(&target, "Web", &[("b", "/from-laptop")]);
+    std::fs::write(work.join("locustfile.py"), &edited).unwrap();
+    let pushed = ok(
+        &laptop_cli(lap, &[], &["--output", "json", "spec", "push", "spec"]),
+        "spec push via the remote",
+    );
+    let new_sha = pushed["published"]["sha256"].as_str().unwrap().to_string();
+    let new_seq = pushed["published"]["sequence"].as_u64().unwrap();
+    assert_ne!(new_sha, sha);
+    f.wait_all_running(2, &new_sha, Duration::from_secs(60))
+        .await;
+    assert_eq!(std::fs::read_to_string(f.spec_file()).unwrap(), edited);
+    let log = ok(
+        &laptop_cli(lap, &[], &["--output", "json", "spec", "log"]),
+        "spec log via the remote",
+    );
+    assert_eq!(log["current"]["sha256"], new_sha.as_str(), "{log}");
+    let old_seq = new_seq - 1;
+    let diff = laptop_cli(
+        lap,
+        &[],
+        &["spec", "diff", &old_seq.to_string(), &new_seq.to_string()],
+    );
+    ok(&diff, "spec diff via the remote");
+    assert!(
+        text(&diff).contains("+") && text(&diff).contains("/from-laptop"),
+        "{}",
+        text(&diff)
+    );
+    let back = ok(
+        &laptop_cli(
+            lap,
+            &[],
+            &["--output", "json", "spec", "rollback", &old_seq.to_string()],
+        ),
+        "spec rollback via the remote",
+    );
+    assert_eq!(back["published"]["sha256"], sha.as_str(), "{back}");
+    assert!(back["published"]["sequence"].as_u64().unwrap() > new_seq);
+    f.wait_all_running(2, &sha, Duration::from_secs(60)).await;
+
     // The environment beats the remote, and a refused token names where it came from.
     let err = one_line_error(&laptop_cli(
         lap,

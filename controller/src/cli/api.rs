@@ -64,12 +64,12 @@ impl Api {
         limit: usize,
         timeout: Duration,
     ) -> Result<Response> {
-        self.send(method.clone(), path, json, limit, timeout)
+        self.send_json(method.clone(), path, json, limit, timeout)
             .await
             .map_err(|e| self.failed(&method, path, limit, e))
     }
 
-    async fn send(
+    async fn send_json(
         &self,
         method: Method,
         path: &str,
@@ -96,6 +96,21 @@ impl Api {
     /// One line for a refused request, saying what to do ([`refused`]).
     pub fn refused(&self, r: &Response, what: &str) -> anyhow::Error {
         refused(r, what, &self.token_hint)
+    }
+
+    /// One request with a raw body (`content_type`, bytes); any HTTP status is an answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response> {
+        self.client
+            .request(method.clone(), path, body, timeout, limit)
+            .await
+            .map_err(|e| self.failed(&method, path, limit, e))
     }
 
     /// A request that must answer 200.
@@ -162,7 +177,7 @@ impl Api {
     pub async fn nodes_if_up(&self) -> Result<Option<Vec<NodeView>>> {
         let path = routes::API_NODES;
         match self
-            .send(Method::GET, path, None, NODES_LIMIT, NODES_TIMEOUT)
+            .send_json(Method::GET, path, None, NODES_LIMIT, NODES_TIMEOUT)
             .await
         {
             Err(e) if e.is_unreachable() => Ok(None),

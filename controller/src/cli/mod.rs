@@ -19,6 +19,7 @@ mod render;
 mod run;
 mod scale;
 mod serve;
+mod spec;
 mod status;
 mod swarm;
 mod target;
@@ -80,6 +81,7 @@ enum Cmd {
     /// Stop the running test.
     Stop,
     Run(run::RunArgs),
+    Spec(spec::SpecArgs),
     Target(target::TargetArgs),
     Demo(demo::DemoArgs),
     /// Start the Locust master confined (used by `fleet serve`).
@@ -122,6 +124,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             print(out, &report)?;
             return report.gate();
         }
+        Cmd::Spec(a) => return a.run(&find(&dir, &cli.remote)?, out).await,
         cmd => cmd,
     };
     // The commands that need the fleet directory (and, for ec2 and asg, AWS credentials). They
@@ -147,7 +150,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         | Cmd::Status(_)
         | Cmd::Swarm(_)
         | Cmd::Stop
-        | Cmd::Run(_) => unreachable!("handled above"),
+        | Cmd::Run(_)
+        | Cmd::Spec(_) => unreachable!("handled above"),
     }
 }
 
@@ -167,6 +171,7 @@ impl Cmd {
             Cmd::Swarm(_) => "swarm",
             Cmd::Stop => "stop",
             Cmd::Run(_) => "run",
+            Cmd::Spec(_) => "spec",
             Cmd::Target(_) => "target",
             Cmd::Demo(_) => "demo",
             Cmd::MasterExec(_) => "master-exec",

@@ -287,6 +287,7 @@ mod tests {
             size: 100,
             master_epoch: 1,
             created: "2025-01-01T00:00:00Z".into(),
+            origin: "directory".into(),
         }
     }
 
@@ -295,7 +296,7 @@ mod tests {
         SpecView {
             current: cur.clone(),
             history: cur.into_iter().chain([version(1, ONE)]).collect(),
-            last_error: None,
+            ..SpecView::default()
         }
     }
 
@@ -664,10 +665,10 @@ mod tests {
         };
         std::fs::write(spec_dir.path().join("locustfile.py"), "one").unwrap();
         let one = pack_dir(spec_dir.path(), "locustfile.py", &Limits::default()).unwrap();
-        publisher.publish(&one, &target).unwrap();
+        publisher.publish(&one, &target, "directory").unwrap();
         std::fs::write(spec_dir.path().join("locustfile.py"), "two").unwrap();
         let two = pack_dir(spec_dir.path(), "locustfile.py", &Limits::default()).unwrap();
-        publisher.publish(&two, &target).unwrap();
+        publisher.publish(&two, &target, "directory").unwrap();
 
         let cfg = crate::config::MasterConfig {
             managed: false,
@@ -687,6 +688,12 @@ mod tests {
             )),
             reload: Arc::new(|| anyhow::bail!("no reload in this test")),
             name: "snap".into(),
+            spec: crate::daemon::spec::Handle::new(
+                spec_dir.path().to_path_buf(),
+                "locustfile.py".into(),
+                Limits::default(),
+            )
+            .0,
         };
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
         let now = std::time::Instant::now();

@@ -6,7 +6,8 @@
 //! over TLS under a connection cap; `steward` turns spec edits into publications, which
 //! `publish` signs and keeps and `fanout` counts as they go out; `nodes` is the node table;
 //! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI; `headers`
-//! sets the security headers on every answer.
+//! sets the security headers on every answer; `spec` is the spec editor's API and the validation
+//! gate.
 
 mod agent_routes;
 pub(crate) mod auth;
@@ -23,6 +24,7 @@ mod proxy;
 mod publish;
 pub(crate) mod reload;
 mod router;
+pub(crate) mod spec;
 mod steward;
 mod tasks;
 
@@ -161,6 +163,10 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         &state_dir.join("published"),
         cfg.controller.history,
     )?);
+    publisher.set_rules(fleet_common::wire::PackRules {
+        locustfile: cfg.controller.locustfile.clone(),
+        max_bundle_bytes: cfg.controller.max_bundle_bytes,
+    });
 
     // Before anything opens files: every agent holds one connection, and 1024 (a login
     // shell's usual soft limit) is too few for a thousand of them.
@@ -179,6 +185,12 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let addr = listener.local_addr()?;
 
     let master = Master::start(cfg.master.clone(), &cfg.controller.locustfile, &state_dir);
+    let limits = fleet_common::bundle::Limits {
+        max_packed: cfg.controller.max_bundle_bytes,
+        ..Default::default()
+    };
+    let (spec, requests) =
+        spec::Handle::new(spec_dir.clone(), cfg.controller.locustfile.clone(), limits);
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
         nodes: Arc::new(Nodes::new(cfg.controller.node_limits())),
@@ -186,6 +198,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         auth,
         reload: Arc::new(move || reloader.reload()),
         name: cfg.name.clone(),
+        spec,
     });
     let (watcher, edits) = watch_spec(&spec_dir)?;
     let steward = Steward {
@@ -194,11 +207,13 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         master,
         spec_dir,
         master_specs: state_dir.join("master-specs"),
+        gate: gate(fleet, &state_dir),
+        edits: state_dir.join("edits"),
     };
 
     let mut tasks = Tasks::default();
     let debounce = Duration::from_millis(cfg.controller.debounce_ms);
-    tasks.spawn(STEWARD, steward.run(edits, debounce));
+    tasks.spawn(STEWARD, steward.run(edits, requests, debounce));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let router = app(state.clone());
     tasks.spawn(
@@ -217,6 +232,43 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         tasks,
         _watcher: watcher,
     })
+}
+
+/// The validation gate as `[spec]` sets it: the `locust` to check with (`spec.locust`, else the
+/// managed master's), resolved on the controller's `PATH` now because the gate runs it with a
+/// cleared one; off with `spec.validate = false` or with an external master and no
+/// `spec.locust`.
+fn gate(fleet: &Fleet, state_dir: &Path) -> spec::Gate {
+    let cfg = &fleet.config;
+    let (locust, off_reason) = match (&cfg.spec.locust, cfg.master.managed) {
+        _ if !cfg.spec.validate => (None, "spec.validate = false".to_string()),
+        (Some(l), _) => (Some(l.clone()), String::new()),
+        (None, true) => (Some(cfg.master.locust.clone()), String::new()),
+        (None, false) => (
+            None,
+            "the master is external and spec.locust is not set".to_string(),
+        ),
+    };
+    spec::Gate {
+        locust: locust.map(|l| on_path(&l)),
+        off_reason,
+        timeout: Duration::from_secs_f64(cfg.spec.validate_timeout_s.max(0.1)),
+        scratch: state_dir.join("gate"),
+    }
+}
+
+/// `name` as an absolute path if it is a bare name found on `PATH`; otherwise as given.
+fn on_path(name: &str) -> String {
+    if name.contains('/') {
+        return name.to_string();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| name.to_string())
 }
 
 /// The key manifests are signed with.

@@ -2,7 +2,8 @@
 //!
 //! Every publication is written to `state/` before it is served (manifest bytes, signature and
 //! bundle), so a restarted controller serves the same sequence and only ever counts up from it:
-//! agents refuse a sequence lower than the one they run.
+//! agents refuse a sequence lower than the one they run. Beside each manifest, `N.origin`
+//! records what made the version (an edit on disk, a push, a rollback...), for the history.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use bytes::Bytes;
 use fleet_common::bundle::Packed;
 use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT};
-use fleet_common::wire::{Heartbeat, SpecVersion, SpecView, MAX_SEQUENCE};
+use fleet_common::wire::{GateRefusal, Heartbeat, PackRules, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
 use crate::daemon::fanout::Fanout;
@@ -26,6 +27,8 @@ pub struct Publication {
     pub bytes: Bytes,
     pub signature_b64: String,
     pub bundle: Bytes,
+    /// What made this version ([`SpecVersion::origin`]).
+    pub origin: String,
 }
 
 impl Publication {
@@ -36,6 +39,7 @@ impl Publication {
             size: self.manifest.bundle.size,
             master_epoch: self.manifest.master_epoch,
             created: self.manifest.created.clone(),
+            origin: self.origin.clone(),
         }
     }
 }
@@ -64,6 +68,9 @@ struct Inner {
     /// Newest last.
     history: VecDeque<Arc<Publication>>,
     last_error: Option<String>,
+    refused: Option<GateRefusal>,
+    gate: String,
+    rules: Option<PackRules>,
     /// The highest sequence an agent reported: publications count on from above it.
     learned: u64,
 }
@@ -141,11 +148,15 @@ impl Publisher {
             if fleet_common::manifest::check_bundle(&manifest, &bundle).is_err() {
                 continue;
             }
+            let origin = std::fs::read_to_string(dir.join(format!("manifests/{seq}.origin")))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
             history.push_back(Arc::new(Publication {
                 manifest,
                 bytes: Bytes::from(bytes),
                 signature_b64: sig.trim().to_string(),
                 bundle: Bytes::from(bundle),
+                origin,
             }));
         }
         let (tx, _) = watch::channel(history.back().cloned());
@@ -158,6 +169,9 @@ impl Publisher {
             inner: Mutex::new(Inner {
                 history,
                 last_error: None,
+                refused: None,
+                gate: String::new(),
+                rules: None,
                 learned: 0,
             }),
             tx,
@@ -184,8 +198,33 @@ impl Publisher {
             .map(|p| p.bundle.clone())
     }
 
+    /// The publication of `sequence`, while the history keeps it.
+    pub fn find(&self, sequence: u64) -> Option<Arc<Publication>> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .history
+            .iter()
+            .find(|p| p.manifest.sequence == sequence)
+            .cloned()
+    }
+
     pub fn set_error(&self, e: Option<String>) {
         self.inner.lock().unwrap().last_error = e;
+    }
+
+    /// Records (or, with `None`, clears) the spec the validation gate refused last.
+    pub fn set_refused(&self, r: Option<GateRefusal>) {
+        self.inner.lock().unwrap().refused = r;
+    }
+
+    /// How specs are checked before publication, as `/api/spec` shows it.
+    pub fn set_gate(&self, gate: String) {
+        self.inner.lock().unwrap().gate = gate;
+    }
+
+    /// How specs are packed, as `/api/spec` shows it (for `fleet spec push` from a laptop).
+    pub fn set_rules(&self, rules: PackRules) {
+        self.inner.lock().unwrap().rules = Some(rules);
     }
 
     pub fn view(&self) -> SpecView {
@@ -194,6 +233,9 @@ impl Publisher {
             current: inner.history.back().map(|p| p.version()),
             history: inner.history.iter().rev().map(|p| p.version()).collect(),
             last_error: inner.last_error.clone(),
+            refused: inner.refused.clone(),
+            gate: inner.gate.clone(),
+            rules: inner.rules.clone(),
         }
     }
 
@@ -221,10 +263,16 @@ impl Publisher {
     }
 
     /// Publishes `bundle` against `target`, unless the current publication already is exactly
-    /// that. Returns the publication now current.
-    pub fn publish(&self, bundle: &Packed, target: &Target) -> Result<Arc<Publication>> {
+    /// that. `origin` says what made it ([`SpecVersion::origin`]). Returns the publication now
+    /// current.
+    pub fn publish(
+        &self,
+        bundle: &Packed,
+        target: &Target,
+        origin: &str,
+    ) -> Result<Arc<Publication>> {
         let bundle_bytes = Bytes::from(bundle.bytes.clone());
-        self.publish_bytes(&bundle.sha256, bundle_bytes, target)
+        self.publish_inner(&bundle.sha256, bundle_bytes, target, false, origin)
     }
 
     /// Republishes the current bundle against a new target (a restarted master).
@@ -232,10 +280,12 @@ impl Publisher {
         let Some(cur) = self.current() else {
             return Ok(None);
         };
-        self.publish_bytes(
+        self.publish_inner(
             &cur.manifest.bundle.sha256.clone(),
             cur.bundle.clone(),
             target,
+            false,
+            "master restart",
         )
         .map(Some)
     }
@@ -266,12 +316,9 @@ impl Publisher {
             cur.bundle.clone(),
             &target,
             true,
+            &format!("count past {seen}"),
         )
         .map(Some)
-    }
-
-    fn publish_bytes(&self, sha: &str, bundle: Bytes, target: &Target) -> Result<Arc<Publication>> {
-        self.publish_inner(sha, bundle, target, false)
     }
 
     /// Publishes unless the current publication is exactly this one (`again` publishes anyway,
@@ -282,6 +329,7 @@ impl Publisher {
         bundle: Bytes,
         target: &Target,
         again: bool,
+        origin: &str,
     ) -> Result<Arc<Publication>> {
         let mut inner = self.inner.lock().unwrap();
         if let Some(cur) = inner.history.back() {
@@ -324,6 +372,10 @@ impl Publisher {
             &self.dir.join(format!("manifests/{sequence}.sig")),
             signed.signature_b64().as_bytes(),
         )?;
+        write_atomic(
+            &self.dir.join(format!("manifests/{sequence}.origin")),
+            origin.as_bytes(),
+        )?;
         // The manifest last: a manifest on disk always has its signature and bundle beside it.
         write_atomic(
             &self.dir.join(format!("manifests/{sequence}.json")),
@@ -334,8 +386,11 @@ impl Publisher {
             bytes: Bytes::from(signed.bytes),
             signature_b64: B64.encode(&signed.signature),
             bundle,
+            origin: origin.to_string(),
         });
         inner.history.push_back(publication.clone());
+        // A publication answers the last refusal: what runs now is what the gate let through.
+        inner.refused = None;
         self.trim(&mut inner.history);
         // The highest sequence must survive trimming: keep a marker of it.
         write_atomic(
@@ -358,6 +413,7 @@ impl Publisher {
             let seq = old.manifest.sequence;
             let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.json")));
             let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.sig")));
+            let _ = std::fs::remove_file(self.dir.join(format!("manifests/{seq}.origin")));
             let sha = &old.manifest.bundle.sha256;
             if !history.iter().any(|p| &p.manifest.bundle.sha256 == sha) {
                 let _ = std::fs::remove_file(self.dir.join(format!("bundles/{sha}.tar.gz")));
@@ -485,7 +541,10 @@ mod tests {
         assert!(p.learn(7).unwrap().is_none());
         std::fs::write(spec.path().join("locustfile.py"), "a").unwrap();
         let b1 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
-        assert_eq!(p.publish(&b1, &target(1)).unwrap().manifest.sequence, 8);
+        assert_eq!(
+            p.publish(&b1, &target(1), "t").unwrap().manifest.sequence,
+            8
+        );
         // An agent has seen 40: the same bundle again, above it.
         let again = p.learn(40).unwrap().expect("published again");
         assert_eq!(again.manifest.sequence, 41);
@@ -495,7 +554,10 @@ mod tests {
         assert!(p.learn(12).unwrap().is_none());
         std::fs::write(spec.path().join("locustfile.py"), "b").unwrap();
         let b2 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
-        assert_eq!(p.publish(&b2, &target(1)).unwrap().manifest.sequence, 42);
+        assert_eq!(
+            p.publish(&b2, &target(1), "t").unwrap().manifest.sequence,
+            42
+        );
     }
 
     #[test]
@@ -508,10 +570,13 @@ mod tests {
         assert!(p.current().is_none());
         std::fs::write(spec.path().join("locustfile.py"), "a").unwrap();
         let b1 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
-        let one = p.publish(&b1, &target(1)).unwrap();
+        let one = p.publish(&b1, &target(1), "t").unwrap();
         assert_eq!(one.manifest.sequence, 1);
         // Same bundle and target: no new publication.
-        assert_eq!(p.publish(&b1, &target(1)).unwrap().manifest.sequence, 1);
+        assert_eq!(
+            p.publish(&b1, &target(1), "t").unwrap().manifest.sequence,
+            1
+        );
         // A restarted master is a new publication of the same bundle.
         assert_eq!(
             p.retarget(&target(2)).unwrap().unwrap().manifest.sequence,
@@ -519,7 +584,7 @@ mod tests {
         );
         std::fs::write(spec.path().join("locustfile.py"), "b").unwrap();
         let b2 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
-        let three = p.publish(&b2, &target(2)).unwrap();
+        let three = p.publish(&b2, &target(2), "t").unwrap();
         assert_eq!(three.manifest.sequence, 3);
         assert_eq!(
             vk.verify_b64(&three.bytes, &three.signature_b64).unwrap(),
@@ -542,9 +607,22 @@ mod tests {
         .unwrap();
         assert_eq!(again.current().unwrap().manifest.sequence, 3);
         assert_eq!(again.current().unwrap().bytes, three.bytes);
+        let origins: Vec<String> = again.view().history.into_iter().map(|v| v.origin).collect();
+        assert_eq!(
+            origins,
+            vec!["t".to_string(), "master restart".to_string()],
+            "origins are kept beside the manifests"
+        );
         std::fs::write(spec.path().join("locustfile.py"), "c").unwrap();
         let b3 = pack_dir(spec.path(), "locustfile.py", &Limits::default()).unwrap();
-        assert_eq!(again.publish(&b3, &target(2)).unwrap().manifest.sequence, 4);
+        assert_eq!(
+            again
+                .publish(&b3, &target(2), "t")
+                .unwrap()
+                .manifest
+                .sequence,
+            4
+        );
         assert!(
             again.bundle(&b1.sha256).is_none(),
             "trimmed bundles are gone"

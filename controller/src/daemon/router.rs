@@ -18,6 +18,7 @@ use crate::daemon::auth::{Auth, Refusal, Role};
 use crate::daemon::nodes::Nodes;
 use crate::daemon::publish::Publisher;
 use crate::daemon::reload::Reloaded;
+use crate::daemon::spec::routes as spec;
 use crate::daemon::{agent_routes, operator_routes};
 use crate::master::Master;
 
@@ -31,6 +32,8 @@ pub(crate) struct AppState {
     /// Reloads the certificate and the credentials (`reload::Reloader::reload`).
     pub reload: Arc<dyn Fn() -> anyhow::Result<Reloaded> + Send + Sync>,
     pub name: String,
+    /// The spec editor's way to the Steward.
+    pub spec: crate::daemon::spec::Handle,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -72,6 +75,19 @@ pub(super) fn app(state: Shared) -> Router {
             axum::routing::delete(operator_routes::forget_node),
         )
         .route(routes::API_SPEC, get(operator_routes::api_spec))
+        .route(routes::API_SPEC_FILES, get(spec::files))
+        .route(
+            routes::API_SPEC_FILE,
+            get(spec::file)
+                .put(spec::put_file)
+                .delete(spec::delete_file),
+        )
+        .route(routes::API_SPEC_DIFF, get(spec::diff))
+        .route(
+            routes::API_SPEC_BUNDLE,
+            get(spec::get_bundle).post(spec::push),
+        )
+        .route(routes::API_SPEC_ROLLBACK, post(spec::rollback))
         .route(routes::API_MASTER, get(operator_routes::api_master))
         .route(
             crate::daemon::events::ROUTE,

@@ -404,11 +404,7 @@ mod tests {
                 ..Default::default()
             },
             views: vec![],
-            spec: SpecView {
-                current: None,
-                history: vec![],
-                last_error: None,
-            },
+            spec: SpecView::default(),
             master: master(epoch),
             stop: Err(anyhow::anyhow!("not stopped")),
             ended: SystemTime::UNIX_EPOCH,
