@@ -52,6 +52,7 @@ pub struct FleetConfig {
     pub nginx: NginxConfig,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
     pub spec: SpecConfig,
 }
 
