@@ -172,6 +172,38 @@ mod tests {
         assert!(find("vendor/codemirror/LICENSE").is_none());
     }
 
+    #[tokio::test]
+    async fn a_known_tag_is_not_sent_again_and_unknown_files_are_404() {
+        let (a, tag) = find("spec.css").unwrap();
+        let get = |name: &str, v: Option<&str>, etag: Option<String>| {
+            let mut h = HeaderMap::new();
+            if let Some(e) = etag {
+                h.insert(header::IF_NONE_MATCH, e.parse().unwrap());
+            }
+            asset(
+                Path(name.to_string()),
+                Query(Tagged {
+                    v: v.map(str::to_string),
+                }),
+                h,
+            )
+        };
+        let r = get("spec.css", Some(tag), None).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], a.content_type);
+        assert_eq!(r.headers()[header::CACHE_CONTROL], CACHE_TAGGED);
+        assert_eq!(r.headers()[header::ETAG], format!("\"{tag}\""));
+        let again = get("spec.css", None, Some(format!("W/\"x\", \"{tag}\""))).await;
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(again.headers()[header::CACHE_CONTROL], CACHE_UNTAGGED);
+        let stale = get("spec.css", None, Some("\"0000\"".into())).await;
+        assert_eq!(stale.status(), StatusCode::OK);
+        assert_eq!(
+            get("nope.css", None, None).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
     #[test]
     fn vendored_files_are_the_ones_their_readme_lists() {
         let readme = include_str!("ui/vendor/codemirror/README.md");
