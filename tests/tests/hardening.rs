@@ -1,5 +1,5 @@
 //! The controller's own hardening over the real socket: security headers on every answer (the
-//! proxied Locust UI included), a `/locust/` proxy that gives up on a web UI that hangs, and a
+//! proxied Locust UI and the dashboard's files included), a `/locust/` proxy that gives up on a web UI that hangs, and a
 //! `fleet serve` that refuses to start on secrets others can read.
 
 use std::os::unix::fs::PermissionsExt;
@@ -92,6 +92,33 @@ async fn every_answer_forbids_framing_the_proxied_locust_ui_included() {
     assert_eq!(refused.status, 401);
     assert_security_headers("a 401", &refused);
     assert_security_headers("/healthz", &none.get("/healthz", T, 1024).await.unwrap());
+
+    // The dashboard's scripts: served by the controller under its tagged URL, typed, cached
+    // for long only under that URL, behind the same credentials.
+    let page = String::from_utf8_lossy(&dash.body).into_owned();
+    let at = page
+        .find("/ui/vendor/codemirror/codemirror.js?v=")
+        .expect("the dashboard links the vendored editor");
+    let url = &page[at..at + page[at..].find('"').unwrap()];
+    let js = ui.get(url, T, 1 << 20).await.unwrap();
+    assert_eq!(js.status, 200, "{url}");
+    assert_eq!(
+        js.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        js.header("cache-control"),
+        Some("private, max-age=31536000, immutable")
+    );
+    assert!(js
+        .body
+        .starts_with(b"// CodeMirror, copyright (c) by Marijn Haverbeke"));
+    assert_security_headers("a /ui/ file", &js);
+    let untagged = ui.get("/ui/spec.js", T, 1 << 20).await.unwrap();
+    assert_eq!(untagged.status, 200);
+    assert_eq!(untagged.header("cache-control"), Some("no-cache"));
+    assert_eq!(none.get(url, T, 1024).await.unwrap().status, 401);
+    assert_eq!(ui.get("/ui/nope.js", T, 1024).await.unwrap().status, 404);
     f.stop_serve();
 }
 

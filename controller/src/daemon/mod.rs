@@ -7,7 +7,7 @@
 //! `publish` signs and keeps and `fanout` counts as they go out; `nodes` is the node table;
 //! `events` streams the dashboard's feed and `proxy` forwards to the Locust web UI; `headers`
 //! sets the security headers on every answer; `spec` is the spec editor's API and the validation
-//! gate.
+//! gate; `ui` serves the dashboard's scripts, styles and vendored libraries.
 
 mod agent_routes;
 pub(crate) mod auth;
@@ -27,6 +27,7 @@ mod router;
 pub(crate) mod spec;
 mod steward;
 mod tasks;
+mod ui;
 
 pub use auth::UI_USER;
 pub(crate) use auth::{FAIL_BURST, FAIL_REFILL_PER_S};

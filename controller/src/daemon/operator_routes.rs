@@ -133,9 +133,10 @@ pub(super) async fn api_reload(State(st): State<Shared>) -> Response {
     answer
 }
 
-/// The dashboard page with the fleet's name in it.
+/// The dashboard page with the fleet's name and its files' tagged URLs (`ui`) in it.
 pub(super) async fn dashboard(State(st): State<Shared>) -> Response {
-    let page = include_str!("dashboard.html").replace("{{fleet}}", &html_escape(&st.name));
+    let page = crate::daemon::ui::stamp(include_str!("dashboard.html"))
+        .replace("{{fleet}}", &html_escape(&st.name));
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),

@@ -62,6 +62,7 @@ pub(super) fn app(state: Shared) -> Router {
         .route_layer(from_fn_with_state((state.clone(), Role::Agent), require));
     let human = Router::new()
         .route("/", get(operator_routes::dashboard))
+        .route("/ui/{*name}", get(crate::daemon::ui::asset))
         .route(
             routes::API_NODES,
             get(operator_routes::api_nodes).put(operator_routes::api_listed),
