@@ -14,7 +14,7 @@ mod render;
 mod run;
 mod scale;
 mod serve;
-mod status;
+pub(crate) mod status;
 mod swarm;
 mod target;
 mod user_data;

@@ -12,6 +12,8 @@ pub(crate) mod auth;
 pub(crate) mod client_ip;
 mod events;
 mod fanout;
+#[doc(hidden)]
+pub mod fuzz;
 mod limiter;
 mod listener;
 pub(crate) mod nodes;
