@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, FORMAT};
-use fleet_common::wire::{Heartbeat, NodeView, Standing, MAX_SEQUENCE};
+use fleet_common::wire::{json_error, Heartbeat, NodeView, Standing, MAX_SEQUENCE};
 
 use crate::backend::NodeInfo;
 use crate::cli::status::{join_status, status_table};
@@ -34,7 +34,7 @@ pub fn heartbeat(body: &[u8]) {
     }
     let hb: Heartbeat = match serde_json::from_slice(body) {
         Ok(h) => h,
-        Err(e) => return one_line("a JSON refusal", &format!("bad heartbeat: {e}")),
+        Err(e) => return one_line("a JSON refusal", &json_error(&e)),
     };
     agent_fit(&hb);
     let current = current_manifest();
