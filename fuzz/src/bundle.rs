@@ -1,9 +1,10 @@
 //! Bundle unpacking (`fleet_common::bundle::unpack`), the agent's side of the bundle format.
 //!
 //! Input: one mode byte, then the archive. Bit 0 set: the rest is the bundle as downloaded
-//! (gzip around tar); clear: the rest is the tar stream, gzipped here, so mutations reach the
-//! tar headers instead of dying in the deflate checksum. Bits 1 and 2 pick small caps so the
-//! size and entry checks are reached too.
+//! (gzip around tar). Clear: the rest is a tar stream whose header checksums the target fixes
+//! up before gzipping it, so mutations reach the header fields instead of dying in the gzip CRC
+//! or the header checksum. Bits 1 and 2 pick small caps so the size and entry checks are
+//! reached too.
 //!
 //! Properties: an accepted bundle wrote only directories and regular files (0644 or 0755) under
 //! the destination, exactly the files and bytes it reports, within the caps; a refused one left
@@ -28,7 +29,9 @@ pub fn run(data: &[u8]) {
     let bytes = if mode & 1 != 0 {
         rest.to_vec()
     } else {
-        gzip(rest)
+        let mut tar = rest.to_vec();
+        fix_checksums(&mut tar);
+        gzip(&tar)
     };
     let parent = crate::scratch().join("bundle");
     let _ = fs::remove_dir_all(&parent);
@@ -60,6 +63,45 @@ fn gzip(tar: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
     gz.write_all(tar).unwrap();
     gz.finish().unwrap()
+}
+
+/// Walks the headers as a tar reader does (each header, then its data rounded up to 512-byte
+/// blocks) and writes each header's correct checksum.
+fn fix_checksums(tar: &mut [u8]) {
+    let mut at = 0usize;
+    while at + 512 <= tar.len() {
+        let h = &mut tar[at..at + 512];
+        if h.iter().all(|b| *b == 0) {
+            at += 512;
+            continue;
+        }
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let blocks = header_size(&h[124..136]).div_ceil(512);
+        match usize::try_from(blocks)
+            .ok()
+            .and_then(|b| b.checked_mul(512))
+            .and_then(|n| n.checked_add(at + 512))
+        {
+            Some(next) => at = next,
+            None => return,
+        }
+    }
+}
+
+/// A header's size field: octal digits, or base-256 when the first byte has its top bit set.
+fn header_size(field: &[u8]) -> u64 {
+    if field[0] & 0x80 != 0 {
+        return field[4..].iter().fold(0, |n, b| (n << 8) | u64::from(*b));
+    }
+    field
+        .iter()
+        .skip_while(|b| **b == b' ')
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .fold(0u64, |n, b| {
+            n.wrapping_mul(8).wrapping_add(u64::from(b - b'0'))
+        })
 }
 
 fn entries(dir: &Path) -> Vec<String> {
