@@ -58,7 +58,10 @@ export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_STRIP=false CARGO_P
 FLAGS=(--features libfuzzer --sanitizer "${FUZZ_SANITIZER:-none}" --codegen-units 16)
 mkdir -p fuzz/artifacts/logs
 echo "== build (release, instrumented; the first build takes a while)"
-cargo fuzz build "${FLAGS[@]}"
+for t in "${TARGETS[@]}"; do
+    # One by one: without a name cargo-fuzz would also build fuzz-quick, which has no libFuzzer.
+    cargo fuzz build "${FLAGS[@]}" "$t"
+done
 failed=0
 for t in "${TARGETS[@]}"; do
     dirs=("fuzz/corpus/$t")
@@ -77,14 +80,14 @@ for t in "${TARGETS[@]}"; do
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
     cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
-    corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
+    corpus=$(sed -n 's/.* corp: \([0-9]*\/[0-9A-Za-z]*\).*/\1/p' <<<"$last")
     if [ $status -eq 0 ]; then
         finding="no findings"
     else
         failed=$((failed + 1))
         finding="FINDING: $(grep -m1 -E "panicked at|ERROR: libFuzzer" "$log" || echo "exit $status"); input: $(grep -o 'fuzz/artifacts/[^ ]*' "$log" | tail -1)"
     fi
-    echo "fuzz $t: ${execs:-?} executions, ${rate:-?}/s, cov ${cov:-?}, features ${ft:-?}, corpus $corpus; $finding"
+    echo "fuzz $t: ${execs:-?} executions, ${rate:-?}/s, cov ${cov:-?}, features ${ft:-?}, corpus ${corpus:-?}; $finding"
 done
 echo "fuzz: $(( ${#TARGETS[@]} - failed )) passed, $failed failed"
 [ $failed -eq 0 ]
