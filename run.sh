@@ -123,6 +123,8 @@ test_all() {
     cargo build --workspace --bins --locked
     step test
     FLEET_TEST_LOCUST=$VENV/bin/locust cargo test --workspace --locked "$@"
+    step "fuzz (quick: seeds, regressions and 4 s of mutations per target; docs/reliability.md)"
+    tests/fuzz.sh --quick 4
     step browser
     FLEET_TEST_LOCUST=$VENV/bin/locust CARGO_TARGET_DIR=$TARGET_DIR node --test tests/browser/
     step ami

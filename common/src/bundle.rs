@@ -70,8 +70,14 @@ pub enum BundleError {
     Corrupt(String),
 }
 
+/// Paths and the tar reader's messages hold entry names as the archive has them: every error
+/// keeps them on one line.
+fn one_line(s: &str) -> String {
+    crate::wire::one_line(s, crate::wire::limits::MAX_ERROR)
+}
+
 fn io_err(path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> BundleError {
-    let path = path.as_ref().display().to_string();
+    let path = one_line(&path.as_ref().display().to_string());
     move |source| BundleError::Io { path, source }
 }
 
@@ -302,7 +308,7 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, Bu
 
 fn unpack_into(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, BundleError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let corrupt = |e: io::Error| BundleError::Corrupt(e.to_string());
+    let corrupt = |e: io::Error| BundleError::Corrupt(one_line(&e.to_string()));
     let mut archive = tar::Archive::new(GzDecoder::new(bytes));
     let mut stats = Unpacked::default();
     let mut seen = std::collections::HashSet::new();

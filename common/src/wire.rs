@@ -238,6 +238,13 @@ pub fn one_line(s: &str, max: usize) -> String {
     format!("{}{MORE}", &clean[..cut])
 }
 
+/// A JSON parse error as one line of at most [`limits::MAX_ERROR`] bytes. serde_json quotes an
+/// unknown variant or field name as it came, newlines and escapes included, so its message
+/// cannot be sent back or logged as it is.
+pub fn json_error(e: &serde_json::Error) -> String {
+    one_line(&e.to_string(), limits::MAX_ERROR)
+}
+
 impl Heartbeat {
     /// Fits the free-text fields into [`limits`], so an unusual error message cannot get the
     /// whole heartbeat refused (which would make the node look silent).
@@ -351,6 +358,23 @@ pub struct MasterView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (docs/reliability.md): serde_json quotes an unknown variant verbatim.
+    #[test]
+    fn json_errors_are_one_bounded_line() {
+        let body = format!(
+            r#"{{"index":0,"pid":null,"state":"ru\nn{}","restarts":0,"last_exit":null}}"#,
+            "x".repeat(4000)
+        );
+        let e = serde_json::from_str::<WorkerReport>(&body).unwrap_err();
+        assert!(e.to_string().contains('\n'), "serde_json changed: {e}");
+        let line = json_error(&e);
+        assert!(line.starts_with("unknown variant `ru n"), "{line}");
+        assert!(
+            !line.contains('\n') && line.len() <= limits::MAX_ERROR,
+            "{line}"
+        );
+    }
 
     #[test]
     fn one_line_replaces_control_characters_and_cuts_at_a_character_boundary() {

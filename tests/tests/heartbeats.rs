@@ -192,6 +192,15 @@ async fn heartbeat_fuzz_is_refused_or_bounded() {
         400,
         "unknown variant",
     ));
+    // serde_json quotes an unknown variant as it came (found by fuzzing, docs/reliability.md).
+    let mut h = heartbeat("n1", 1);
+    h["status"] = "pw\nned\u{1b}[2J".into();
+    bad.push((
+        "newline in an unknown status",
+        serde_json::to_vec(&h).unwrap(),
+        400,
+        "unknown variant `pw ned",
+    ));
     let h = heartbeat(&"n".repeat(129), 1);
     bad.push(("long id", serde_json::to_vec(&h).unwrap(), 400, "node_id"));
     let h = heartbeat("n1", 193);

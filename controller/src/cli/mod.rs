@@ -20,7 +20,7 @@ mod run;
 mod scale;
 mod serve;
 mod spec;
-mod status;
+pub(crate) mod status;
 mod swarm;
 mod target;
 mod token;

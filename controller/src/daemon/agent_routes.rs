@@ -8,7 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleet_common::bundle::is_sha256_hex;
 use fleet_common::manifest::SIGNATURE_HEADER;
-use fleet_common::wire::{Heartbeat, MAX_WAIT_SECS};
+use fleet_common::wire::{json_error, Heartbeat, MAX_WAIT_SECS};
 use serde::Deserialize;
 
 use crate::daemon::publish::Publisher;
@@ -111,8 +111,12 @@ pub(super) async fn heartbeat(State(st): State<Shared>, req: Request) -> Respons
     };
     let hb: Heartbeat = match serde_json::from_slice(&body) {
         Ok(h) => h,
-        // serde_json's message is one line and quotes no more than the offending token.
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad heartbeat: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad heartbeat: {}", json_error(&e)),
+            )
+        }
     };
     let current = st.publisher.current();
     let past = crate::daemon::publish::count_past(&hb, current.as_ref().map(|p| &p.manifest));

@@ -14,6 +14,8 @@ pub(crate) mod auth;
 pub(crate) mod client_ip;
 mod events;
 mod fanout;
+#[doc(hidden)]
+pub mod fuzz;
 pub(crate) mod headers;
 mod limiter;
 mod listener;
