@@ -10,6 +10,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use serde::Deserialize;
 
+use super::merge::{Snapshot, SnapshotError, PATH};
+
 /// How long one call may take: a saturated master answers its web API late (docs/locust.md,
 /// "How many workers one master holds"), and a keeper poll must not hang behind it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +37,8 @@ pub enum ApiError {
         call: &'static str,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl ApiError {
@@ -148,6 +152,17 @@ impl LocustApi {
         serde_json::from_slice(&body).map_err(|source| ApiError::Body { call, source })
     }
 
+    /// `GET /fleet/stats`: the raw numbers of fleet's stats plugin, for merging with other
+    /// masters' ([`super::merge`]). A master without the plugin (an external one) answers 404.
+    pub async fn snapshot(&self) -> Result<Snapshot, ApiError> {
+        let call = "GET /fleet/stats";
+        let (status, body) = self.call(call, hyper::Method::GET, PATH, None).await?;
+        if status != 200 {
+            return Err(ApiError::Status { call, status });
+        }
+        Ok(Snapshot::from_json(&body)?)
+    }
+
     /// Starts (or re-sizes) the test. Locust answers errors as HTTP 200 with `success: false`.
     pub async fn swarm(&self, s: &SwarmRequest) -> Result<(), ApiError> {
         let call = "POST /swarm";
@@ -219,6 +234,39 @@ mod tests {
         assert!(s.idle() && !s.running());
         let s: Stats = serde_json::from_str(r#"{"state": "spawning"}"#).unwrap();
         assert!(!s.idle() && !s.running(), "spawning is neither");
+    }
+
+    /// A web UI on loopback that answers every request with `status` and `body`; its URL.
+    async fn answering(status: &'static str, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/locust", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_another_format_or_from_a_master_without_the_plugin_is_an_error() {
+        let api = LocustApi::new(&answering("200 OK", r#"{"format": 9}"#).await);
+        match api.snapshot().await {
+            Err(ApiError::Snapshot(SnapshotError::Format { found: 9 })) => {}
+            other => panic!("{other:?}"),
+        }
+        let api = LocustApi::new(&answering("404 Not Found", "").await);
+        match api.snapshot().await {
+            Err(ApiError::Status { status: 404, call }) => assert_eq!(call, "GET /fleet/stats"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -19,6 +19,8 @@ mod api;
 mod classes;
 pub mod confine;
 mod keeper;
+pub mod merge;
+pub mod plugin;
 mod supervisor;
 
 use std::collections::{BTreeSet, HashMap};

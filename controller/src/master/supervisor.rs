@@ -23,7 +23,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::classes::user_classes;
-use super::{confine, MasterError, Shared};
+use super::{confine, plugin, MasterError, Shared};
 use crate::config::MasterConfig;
 
 /// Restart delays after the master exits on its own: doubled from the first up to the cap.
@@ -387,7 +387,8 @@ impl Supervisor {
             locust: &locust,
             workspace: &workspace,
         };
-        let args = master_args(&self.cfg, &self.locustfile, &ws.spec, &ws.csv)?;
+        let mut args = master_args(&self.cfg, &self.locustfile, &ws.spec, &ws.csv)?;
+        plugin::add_to_args(&mut args, &plugin::install(&workspace.root)?)?;
         let mut cmd = match confine::plan(&inputs, user)? {
             confine::Mode::Off => {
                 let mut c = tokio::process::Command::new(&locust);
