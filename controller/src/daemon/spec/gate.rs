@@ -220,19 +220,27 @@ impl Gate {
                 output: vec![],
             },
             Ok(p) => {
-                match run_list(p.cmd, &p.exe, &p.spec, locustfile, &p.home, self.timeout).await {
+                let v = match run_list(p.cmd, &p.exe, &p.spec, locustfile, &p.home, self.timeout)
+                    .await
+                {
                     Ok((exit, out, err)) => judge(&exit, &out, &err, &p.spec.display().to_string()),
                     Err(e) => Verdict::Refused {
                         reason: cannot_run(locust, &e),
                         output: vec![],
                     },
-                }
+                };
+                self.empty();
+                v
             }
         };
+        verdict
+    }
+
+    /// Empties the workspace after a check (only ever called once it was claimed).
+    fn empty(&self) {
         for d in ["spec", "home"] {
             let _ = std::fs::remove_dir_all(self.workspace.root.join(d));
         }
-        verdict
     }
 
     /// Everything a check needs before Locust starts: where it runs, as whom, under which
@@ -244,6 +252,23 @@ impl Gate {
         let (decision, user) =
             confine::who(self.confine, &self.user, Powers::current()).map_err(refusal)?;
         self.workspace.claim().map_err(refusal)?;
+        // Past the claim the workspace is ours, and emptied whatever happens next.
+        let ready = self.ready(exe, decision, user, packed, limits);
+        if ready.is_err() {
+            self.empty();
+        }
+        ready
+    }
+
+    /// Unpacks the spec into the claimed workspace, makes the scratch `HOME` and the command.
+    fn ready(
+        &self,
+        exe: PathBuf,
+        decision: Decision,
+        user: Option<(u32, u32)>,
+        packed: &Packed,
+        limits: &Limits,
+    ) -> Result<Prepared, String> {
         let spec = self.workspace.root.join("spec");
         let _ = std::fs::remove_dir_all(&spec);
         bundle::unpack(&packed.bytes, &spec, limits)
@@ -529,7 +554,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let gate = fake_gate(d.path());
-        std::fs::create_dir(&gate.workspace.root).unwrap();
+        std::fs::create_dir_all(gate.workspace.root.join("spec")).unwrap();
+        std::fs::write(gate.workspace.root.join("spec/theirs"), "").unwrap();
         std::fs::set_permissions(&gate.workspace.root, std::fs::Permissions::from_mode(0o777))
             .unwrap();
         let Verdict::Refused { reason, .. } = gate
@@ -542,6 +568,10 @@ mod tests {
             reason.starts_with("cannot confine the validation gate: ")
                 && reason.ends_with("remove it"),
             "{reason}"
+        );
+        assert!(
+            gate.workspace.root.join("spec/theirs").exists(),
+            "nothing is removed from a workspace that is not ours"
         );
     }
 
