@@ -1,8 +1,9 @@
 //! The spec author's reach (docs/security.md): a spec that tries, at import time, to read the
-//! fleet's secrets and the controller's environment finds neither, in the managed master (run
-//! by a `fleet serve` whose environment holds AWS credentials) and in a worker (run by an agent
-//! whose token was given by env). The spec prints what it found into the master's log and the
-//! agent's log, which the test reads.
+//! fleet's secrets and the controller's environment finds neither, in the validation gate and
+//! the managed master (run by a `fleet serve` whose environment holds AWS credentials) and in a
+//! worker (run by an agent whose token was given by env). The spec prints what it found into
+//! the master's log and the agent's log, and appends it to a report file in `/dev/shm` (the gate
+//! keeps Locust's output to itself when a spec passes), which the test reads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,8 +18,10 @@ const AWS: [(&str, &str); 3] = [
     ("FLEET_REACH_PROBE", "set-by-the-test"),
 ];
 
-/// A locustfile that prints, per process, what it could read and which variables it saw.
-fn probe(secrets: &[&Path], serve_pid: u32) -> String {
+/// A locustfile that prints, per process, what it could read and which variables it saw, and
+/// appends the same line to `report` (without creating it: a confined process may write there
+/// only because the test made it writable by all).
+fn probe(secrets: &[&Path], serve_pid: u32, report: &Path) -> String {
     let paths: Vec<String> = secrets
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
@@ -27,7 +30,7 @@ fn probe(secrets: &[&Path], serve_pid: u32) -> String {
         r#"import json, os, sys
 from locust import User, task, constant
 
-role = "master" if "--master" in sys.argv else "worker"
+role = "master" if "--master" in sys.argv else "gate" if "--list" in sys.argv else "worker"
 found = {{}}
 for p in [{paths}, "/proc/{serve_pid}/environ"]:
     try:
@@ -37,8 +40,14 @@ for p in [{paths}, "/proc/{serve_pid}/environ"]:
         found[p] = type(e).__name__
 env = {{k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FLEET_"))}}
 report = {{"role": role, "uid": os.getuid(), "files": found, "env": env,
-          "home": os.environ.get("HOME", "")}}
+          "home": os.environ.get("HOME", ""), "cwd": os.getcwd()}}
 print("FLEET-REACH " + json.dumps(report), flush=True)
+try:
+    fd = os.open({report:?}, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, (json.dumps(report) + "\n").encode())
+    os.close(fd)
+except OSError:
+    pass
 
 class Probe(User):
     wait_time = constant(1)
@@ -47,7 +56,38 @@ class Probe(User):
         pass
 "#,
         paths = paths.join(", "),
+        report = report.display().to_string(),
     )
+}
+
+/// The reports of `role` appended to `file`.
+fn filed(file: &Path, role: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|j| serde_json::from_str::<serde_json::Value>(j).unwrap())
+        .filter(|r| r["role"] == role)
+        .collect()
+}
+
+/// A file anyone may append to, in `/dev/shm` (which the confined gate and master may write),
+/// removed when dropped.
+struct ReportFile(std::path::PathBuf);
+
+impl ReportFile {
+    fn new() -> ReportFile {
+        use std::os::unix::fs::PermissionsExt;
+        let p = Path::new("/dev/shm").join(format!("fleet-reach-{}.jsonl", std::process::id()));
+        std::fs::write(&p, "").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        ReportFile(p)
+    }
+}
+
+impl Drop for ReportFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The reports of `role` printed into the logs under `dir`.
@@ -104,7 +144,39 @@ async fn a_spec_finds_neither_the_fleets_secrets_nor_the_controllers_environment
     f.start_serve_with_env(&AWS);
     let serve_pid = f.serve_pid().unwrap();
     let refs: Vec<&Path> = secrets.iter().map(|p| p.as_path()).collect();
-    f.write_spec(&probe(&refs, serve_pid));
+    let file = ReportFile::new();
+    f.write_spec(&probe(&refs, serve_pid, &file.0));
+
+    // The validation gate loads the spec before anything publishes it: inside the same
+    // boundary as the master, in a workspace outside the fleet directory.
+    let gate = wait_for("the gate's report", Duration::from_secs(30), || async {
+        filed(&file.0, "gate").pop()
+    })
+    .await;
+    assert_read_nothing(&gate);
+    assert_saw_no_variable(&gate, &[]);
+    let controller_home = std::env::var("HOME").unwrap();
+    let home = gate["home"].as_str().unwrap();
+    assert!(
+        !home.is_empty() && !home.starts_with(&controller_home),
+        "the gate's HOME is the controller's: {gate}"
+    );
+    let fleet_dir = std::fs::canonicalize(f.path()).unwrap();
+    assert!(
+        !Path::new(gate["cwd"].as_str().unwrap()).starts_with(&fleet_dir),
+        "the gate loads the spec inside the fleet directory: {gate}"
+    );
+    // `/api/spec` says so.
+    let described = f.spec().await.unwrap().gate;
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(
+            gate["uid"], 65534,
+            "as root, the gate runs as nobody: {gate}"
+        );
+        assert!(described.contains(", as nobody"), "{described}");
+    } else {
+        assert!(described.ends_with(", under Landlock)"), "{described}");
+    }
 
     let master = wait_for("the master's report", Duration::from_secs(30), || async {
         reports(f.path(), "master").pop()
@@ -114,7 +186,7 @@ async fn a_spec_finds_neither_the_fleets_secrets_nor_the_controllers_environment
     assert_saw_no_variable(&master, &[]);
     let home = master["home"].as_str().unwrap();
     assert!(
-        !home.is_empty() && !home.starts_with(&std::env::var("HOME").unwrap()),
+        !home.is_empty() && !home.starts_with(&controller_home),
         "the master's HOME is the controller's: {master}"
     );
     if nix::unistd::geteuid().is_root() {

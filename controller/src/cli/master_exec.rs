@@ -1,6 +1,6 @@
-//! `fleet master-exec` (hidden): how the supervisor starts a confined Locust master. It applies
-//! the plan (user, Landlock rules) to itself and executes Locust in its place
-//! (`master::confine`).
+//! `fleet master-exec` (hidden): how the supervisor starts a confined Locust master, and the
+//! validation gate its confined `locust --list`. It applies the plan (user, Landlock rules) to
+//! itself and executes Locust in its place (`master::confine`).
 
 use std::ffi::OsString;
 

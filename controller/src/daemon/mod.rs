@@ -210,7 +210,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         master,
         spec_dir,
         master_specs: state_dir.join("master-specs"),
-        gate: gate(fleet, &state_dir),
+        gate: gate(fleet),
         edits: state_dir.join("edits"),
     };
 
@@ -240,8 +240,9 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
 /// The validation gate as `[spec]` sets it: the `locust` to check with (`spec.locust`, else the
 /// managed master's), resolved on the controller's `PATH` now because the gate runs it with a
 /// cleared one; off with `spec.validate = false` or with an external master and no
-/// `spec.locust`.
-fn gate(fleet: &Fleet, state_dir: &Path) -> spec::Gate {
+/// `spec.locust`. It is confined as the master is (`master.confine`, `master.user`), in a
+/// workspace of its own outside the fleet directory.
+fn gate(fleet: &Fleet) -> spec::Gate {
     let cfg = &fleet.config;
     let (locust, off_reason) = match (&cfg.spec.locust, cfg.master.managed) {
         _ if !cfg.spec.validate => (None, "spec.validate = false".to_string()),
@@ -256,7 +257,10 @@ fn gate(fleet: &Fleet, state_dir: &Path) -> spec::Gate {
         locust: locust.map(|l| on_path(&l)),
         off_reason,
         timeout: Duration::from_secs_f64(cfg.spec.validate_timeout_s.max(0.1)),
-        scratch: state_dir.join("gate"),
+        workspace: crate::master::confine::Workspace::named("gate", &fleet.dir),
+        confine: cfg.master.confine,
+        user: cfg.master.user.clone(),
+        fleet_dir: fleet.dir.clone(),
     }
 }
 

@@ -65,8 +65,9 @@ impl Steward {
         mut requests: mpsc::Receiver<Request>,
         debounce: Duration,
     ) {
-        self.publisher.set_gate(self.gate.describe());
-        log!("spec validation gate: {}", self.gate.describe());
+        let gate = self.gate.describe();
+        log!("spec validation gate: {gate}");
+        self.publisher.set_gate(gate);
         self.sync().await;
         let mut epoch_rx = self.master.epoch();
         epoch_rx.borrow_and_update();

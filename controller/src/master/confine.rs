@@ -103,6 +103,21 @@ pub fn decide(confine: bool, powers: Powers) -> Result<Decision, MasterError> {
     }
 }
 
+/// How to confine and as whom: [`decide`], then the master user's ids when the controller is
+/// root (looked up on each start, so a user created later is found).
+pub fn who(
+    confine: bool,
+    user: &str,
+    powers: Powers,
+) -> Result<(Decision, Option<(u32, u32)>), MasterError> {
+    let decision = decide(confine, powers)?;
+    let ids = match decision {
+        Decision::User { .. } => Some(lookup_user(user)?),
+        _ => None,
+    };
+    Ok((decision, ids))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Off,
@@ -260,7 +275,9 @@ pub fn meta(p: &Path) -> Option<Meta> {
     })
 }
 
-/// The master's own directory: spec copies, scratch `HOME` and `TMPDIR`, CSV files.
+/// A confined process's own directory, outside the fleet directory: the master's (spec copies,
+/// scratch `HOME` and `TMPDIR`, CSV files) or the validation gate's (the spec being checked and
+/// a scratch `HOME`).
 #[derive(Debug, Clone)]
 pub struct Workspace {
     pub root: PathBuf,
@@ -276,35 +293,75 @@ pub struct Prepared {
 }
 
 impl Workspace {
-    /// One per fleet directory, in the system's temporary directory (outside the fleet
-    /// directory, so a separate user can reach it whatever the fleet directory's mode).
+    /// The master's: one per fleet directory, in the system's temporary directory.
     pub fn for_fleet(fleet_dir: &Path) -> Workspace {
+        Workspace::named("master", fleet_dir)
+    }
+
+    /// `<tmp>/fleet-<kind>-<id>`, one per fleet directory: outside it, so a separate user can
+    /// reach it whatever the fleet directory's mode, and Landlock can hide the whole fleet
+    /// directory.
+    pub fn named(kind: &str, fleet_dir: &Path) -> Workspace {
         use sha2::{Digest, Sha256};
         let h = Sha256::digest(fleet_dir.as_os_str().as_encoded_bytes());
         let id: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
         Workspace {
-            root: std::env::temp_dir().join(format!("fleet-master-{id}")),
+            root: std::env::temp_dir().join(format!("fleet-{kind}-{id}")),
         }
     }
 
-    /// Makes the workspace for a start on `spec` (a verified copy of the spec): the directory
-    /// must be ours and writable by no one else; the spec is copied in readable by all, and the
-    /// scratch directories are emptied and given to `owner`. Only called when no master runs.
-    pub fn prepare(&self, spec: &Path, owner: Option<(u32, u32)>) -> Result<Prepared, MasterError> {
-        let bad = |what: String| MasterError::Confine(what);
-        let io = |p: &Path, e: std::io::Error| bad(format!("cannot prepare {}: {e}", p.display()));
-        match std::fs::DirBuilder::new().mode(0o755).create(&self.root) {
-            Ok(()) => {}
+    /// Makes the directory if it is missing (readable by all, whatever the umask); it must be
+    /// ours and writable by no one else, or someone else could change what a confined process
+    /// runs.
+    pub fn claim(&self) -> Result<(), MasterError> {
+        let root = &self.root;
+        match std::fs::DirBuilder::new().mode(0o755).create(root) {
+            Ok(()) => std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| cannot_prepare(root, e))?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(&self.root, e)),
+            Err(e) => return Err(cannot_prepare(root, e)),
         }
-        let m = std::fs::symlink_metadata(&self.root).map_err(|e| io(&self.root, e))?;
+        let m = std::fs::symlink_metadata(root).map_err(|e| cannot_prepare(root, e))?;
         if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 {
-            return Err(bad(format!(
+            return Err(MasterError::Confine(format!(
                 "{} is not the controller's own directory (a link, another owner, or writable by others); remove it",
-                self.root.display()
+                root.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Empty directories `names` in the workspace, 0700 and given to `owner` (the confined
+    /// process's user, when it has one): whatever an earlier run left there is gone.
+    pub fn scratch<const N: usize>(
+        &self,
+        names: [&str; N],
+        owner: Option<(u32, u32)>,
+    ) -> Result<[PathBuf; N], MasterError> {
+        let mut out = Vec::with_capacity(N);
+        for d in names {
+            let p = self.root.join(d);
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&p)
+                .map_err(|e| cannot_prepare(&p, e))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+                    .map_err(|e| cannot_prepare(&p, e))?;
+            }
+            out.push(p);
+        }
+        Ok(out.try_into().expect("N names, N paths"))
+    }
+
+    /// Makes the workspace for a start on `spec` (a verified copy of the spec): [`claim`]ed;
+    /// the spec is copied in readable by all, and the scratch directories are emptied and given
+    /// to `owner`. Only called when no master runs.
+    ///
+    /// [`claim`]: Workspace::claim
+    pub fn prepare(&self, spec: &Path, owner: Option<(u32, u32)>) -> Result<Prepared, MasterError> {
+        self.claim()?;
         let name = spec.file_name().unwrap_or_default();
         let specs = self.root.join("spec");
         let copy = specs.join(name);
@@ -317,23 +374,11 @@ impl Workspace {
         if !copy.is_dir() {
             let tmp = specs.join(".copy");
             let _ = std::fs::remove_dir_all(&tmp);
-            copy_tree(spec, &tmp).map_err(|e| io(&tmp, e))?;
-            std::fs::rename(&tmp, &copy).map_err(|e| io(&copy, e))?;
+            copy_tree(spec, &tmp).map_err(|e| cannot_prepare(&tmp, e))?;
+            open_dirs(&specs).map_err(|e| cannot_prepare(&specs, e))?;
+            std::fs::rename(&tmp, &copy).map_err(|e| cannot_prepare(&copy, e))?;
         }
-        let mut scratch = vec![];
-        for d in ["home", "tmp", "csv"] {
-            let p = self.root.join(d);
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&p)
-                .map_err(|e| io(&p, e))?;
-            if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| io(&p, e))?;
-            }
-            scratch.push(p);
-        }
-        let [home, tmp, csv] = <[PathBuf; 3]>::try_from(scratch).expect("three");
+        let [home, tmp, csv] = self.scratch(["home", "tmp", "csv"], owner)?;
         Ok(Prepared {
             spec: copy,
             home,
@@ -341,6 +386,23 @@ impl Workspace {
             csv: csv.join("run"),
         })
     }
+}
+
+fn cannot_prepare(p: &Path, e: std::io::Error) -> MasterError {
+    MasterError::Confine(format!("cannot prepare {}: {e}", p.display()))
+}
+
+/// Makes `dir` and every directory beneath it 0755: a tree made under a tight umask (the
+/// systemd unit's 0077) must still be readable by the master's user.
+pub fn open_dirs(dir: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            open_dirs(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Copies a spec tree (directories and regular files only; it is an unpacked bundle).
@@ -449,6 +511,39 @@ pub fn plan(inp: &Inputs<'_>, user: Option<(u32, u32)>) -> Result<Mode, MasterEr
         user,
         landlock: Some(Rules { read, write }),
     }))
+}
+
+/// The program and first arguments that run `program` under `mode`: `program` itself when
+/// confinement is off, else `fleet master-exec --plan <json> -- program`, which becomes
+/// `program` (same pid) once the plan is applied. `fleet` is this binary.
+pub fn launcher(mode: &Mode, fleet: &Path, program: &Path) -> (PathBuf, Vec<OsString>) {
+    match mode {
+        Mode::Off => (program.to_path_buf(), vec![]),
+        Mode::Confined(plan) => (
+            fleet.to_path_buf(),
+            vec![
+                "master-exec".into(),
+                "--plan".into(),
+                serde_json::to_string(plan).expect("serialises").into(),
+                "--".into(),
+                program.into(),
+            ],
+        ),
+    }
+}
+
+/// A command that runs `program` under `mode` ([`launcher`]); the caller adds the program's
+/// arguments, its environment and its standard streams.
+pub fn command(mode: &Mode, program: &Path) -> Result<tokio::process::Command, MasterError> {
+    let fleet = match mode {
+        Mode::Off => PathBuf::new(),
+        Mode::Confined(_) => std::env::current_exe()
+            .map_err(|e| MasterError::Confine(format!("cannot find the fleet binary: {e}")))?,
+    };
+    let (exe, args) = launcher(mode, &fleet, program);
+    let mut c = tokio::process::Command::new(exe);
+    c.args(args);
+    Ok(c)
 }
 
 /// `fleet master-exec`: applies `plan` to this process and executes `argv`. Returns only on
@@ -630,6 +725,71 @@ mod tests {
         let roots = runtime_roots(&locust, |_| Some(head.clone().into_bytes()));
         assert_eq!(roots, [d.join("venv"), d.join("py")]);
         assert_eq!(runtime_roots(&locust, |_| None), [d.join("venv")]);
+    }
+
+    #[test]
+    fn a_confined_program_starts_through_master_exec_with_its_plan() {
+        let locust = Path::new("/opt/venv/bin/locust");
+        let fleet = Path::new("/usr/bin/fleet");
+        assert_eq!(
+            launcher(&Mode::Off, fleet, locust),
+            (locust.to_path_buf(), vec![])
+        );
+        let plan = Plan {
+            user: Some((65534, 65534)),
+            landlock: Some(Rules {
+                read: vec![p("/usr")],
+                write: vec![p("/tmp/fleet-gate-x")],
+            }),
+        };
+        let (exe, args) = launcher(&Mode::Confined(plan.clone()), fleet, locust);
+        assert_eq!(exe, fleet);
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(args[..2], ["master-exec", "--plan"]);
+        assert_eq!(args[3..], ["--", "/opt/venv/bin/locust"]);
+        let sent: Plan = serde_json::from_str(args[2]).unwrap();
+        assert_eq!(sent, plan);
+    }
+
+    #[test]
+    fn each_confined_process_has_its_workspace_outside_the_fleet_directory() {
+        let fleet = Path::new("/srv/fleet");
+        let master = Workspace::for_fleet(fleet).root;
+        let gate = Workspace::named("gate", fleet).root;
+        assert_ne!(master, gate);
+        assert!(gate.starts_with(std::env::temp_dir()), "{}", gate.display());
+        assert!(!gate.starts_with(fleet));
+        let name = gate.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("fleet-gate-") && name.len() == 27,
+            "{name}"
+        );
+        assert_eq!(gate, Workspace::named("gate", fleet).root, "stable");
+        assert_ne!(gate, Workspace::named("gate", Path::new("/srv/other")).root);
+    }
+
+    #[test]
+    fn scratch_directories_start_empty_and_closed_and_open_dirs_opens_a_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = Workspace {
+            root: d.path().join("ws"),
+        };
+        ws.claim().unwrap();
+        let [home] = ws.scratch(["home"], None).unwrap();
+        std::fs::write(home.join("left"), "").unwrap();
+        let [home] = ws.scratch(["home"], None).unwrap();
+        assert!(!home.join("left").exists());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&home), 0o700);
+        assert_eq!(mode(&ws.root), 0o755);
+        let tree = d.path().join("t");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(tree.join("a/b"))
+            .unwrap();
+        open_dirs(&tree).unwrap();
+        assert_eq!(mode(&tree.join("a/b")), 0o755);
     }
 
     #[test]

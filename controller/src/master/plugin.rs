@@ -29,6 +29,9 @@ pub fn install(workspace: &Path) -> Result<PathBuf, MasterError> {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(&dir, e)),
         _ => {}
     }
+    // The master's user must read it whatever the controller's umask (the unit sets 0077).
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| io(&dir, e))?;
     let path = dir.join(FILE_NAME);
     let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
     std::fs::write(&tmp, SOURCE).map_err(|e| io(&tmp, e))?;

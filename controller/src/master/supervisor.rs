@@ -372,11 +372,8 @@ impl Supervisor {
         };
         let path_var = std::env::var_os("PATH");
         let locust = confine::which(&self.cfg.locust, path_var.as_ref()).ok_or_else(not_found)?;
-        let decision = confine::decide(self.cfg.confine, confine::Powers::current())?;
-        let user = match decision {
-            confine::Decision::User { .. } => Some(confine::lookup_user(&self.cfg.user)?),
-            _ => None,
-        };
+        let (decision, user) =
+            confine::who(self.cfg.confine, &self.cfg.user, confine::Powers::current())?;
         let fleet_dir = self.state_dir.parent().unwrap_or(&self.state_dir);
         let workspace = confine::Workspace::for_fleet(fleet_dir);
         let ws = workspace.prepare(dir, user)?;
@@ -389,26 +386,8 @@ impl Supervisor {
         };
         let mut args = master_args(&self.cfg, &self.locustfile, &ws.spec, &ws.csv)?;
         plugin::add_to_args(&mut args, &plugin::install(&workspace.root)?)?;
-        let mut cmd = match confine::plan(&inputs, user)? {
-            confine::Mode::Off => {
-                let mut c = tokio::process::Command::new(&locust);
-                c.args(args);
-                c
-            }
-            confine::Mode::Confined(plan) => {
-                let exe = std::env::current_exe().map_err(|e| {
-                    MasterError::Confine(format!("cannot find the fleet binary: {e}"))
-                })?;
-                let mut c = tokio::process::Command::new(exe);
-                c.arg("master-exec")
-                    .arg("--plan")
-                    .arg(serde_json::to_string(&plan).expect("serialises"))
-                    .arg("--")
-                    .arg(&locust)
-                    .args(args);
-                c
-            }
-        };
+        let mut cmd = confine::command(&confine::plan(&inputs, user)?, &locust)?;
+        cmd.args(args);
         cmd.current_dir(&ws.spec)
             .env_clear()
             .envs(child_env::inherited(

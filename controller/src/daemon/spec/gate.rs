@@ -4,8 +4,15 @@
 //! do not resolve against that Locust, that defines no User class, or that hangs at import is
 //! refused; the agents keep the bundle they run (docs/configuration.md, `[spec]`).
 //!
-//! [`judge`] turns what Locust did into a [`Verdict`] and is pure; [`Gate::check`] only runs the
-//! process and hands its output over.
+//! Loading the spec runs its code on the controller host, so the gate is confined exactly like
+//! the managed master (`master::confine`, docs/security.md, "The spec author's reach"): the
+//! same `master.user` and `master.confine`, Landlock through `fleet master-exec`, and a
+//! workspace of its own outside the fleet directory (`<tmp>/fleet-gate-<id>`). Where the master
+//! could not be confined, neither can the gate: it then refuses every spec.
+//!
+//! [`judge`] turns what Locust did into a [`Verdict`] and [`confinement`] says how the gate is
+//! confined; both are pure. [`Gate::check`] only prepares and runs the process and hands its
+//! output over.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +21,9 @@ use std::time::Duration;
 use fleet_common::bundle::{self, Limits, Packed};
 use fleet_common::process::{signal_group, Signal};
 use tokio::io::AsyncReadExt;
+
+use crate::master::confine::{self, Decision, Powers, Workspace};
+use crate::master::MasterError;
 
 /// Lines of Locust's output a refusal keeps: the end of a traceback.
 const KEEP_LINES: usize = 12;
@@ -133,6 +143,26 @@ fn failure_line(output: &[String], code: i32) -> String {
     }
 }
 
+/// How the gate is confined, as `/api/spec` tells it, from `master.confine`, `master.user` and
+/// what this host allows ([`confine::decide`]); `Err` is the line every check is refused with.
+pub fn confinement(confine: bool, user: &str, powers: Powers) -> Result<String, String> {
+    match confine::decide(confine, powers) {
+        Ok(Decision::Off) => Ok("unconfined: master.confine = false".into()),
+        Ok(Decision::User { landlock: true }) => Ok(format!("as {user}, under Landlock")),
+        Ok(Decision::User { landlock: false }) => Ok(format!("as {user}")),
+        Ok(Decision::Landlock) => Ok("under Landlock".into()),
+        Err(e) => Err(refusal(e)),
+    }
+}
+
+/// A confinement error as the gate reports it: about the gate, not the master.
+fn refusal(e: MasterError) -> String {
+    match e {
+        MasterError::Confine(why) => format!("cannot confine the validation gate: {why}"),
+        other => other.to_string(),
+    }
+}
+
 /// The gate's settings.
 #[derive(Debug, Clone)]
 pub struct Gate {
@@ -141,19 +171,37 @@ pub struct Gate {
     /// Why it is off, when it is.
     pub off_reason: String,
     pub timeout: Duration,
-    /// Where specs are unpacked to be checked (emptied after each check).
-    pub scratch: PathBuf,
+    /// Where specs are unpacked and loaded (emptied after each check): outside the fleet
+    /// directory.
+    pub workspace: Workspace,
+    /// The master's confinement settings (`master.confine`, `master.user`), which the gate
+    /// shares.
+    pub confine: bool,
+    pub user: String,
+    /// What Landlock hides from the gate, with the controller's `HOME`.
+    pub fleet_dir: PathBuf,
+}
+
+/// A check ready to run: the command (confined), the unpacked spec and the scratch `HOME`.
+struct Prepared {
+    cmd: tokio::process::Command,
+    exe: PathBuf,
+    spec: PathBuf,
+    home: PathBuf,
 }
 
 impl Gate {
     /// How `/api/spec` describes the gate.
     pub fn describe(&self) -> String {
-        match &self.locust {
-            Some(l) => format!(
-                "{l} -f <spec> --list (timeout {} s)",
+        let Some(l) = &self.locust else {
+            return format!("off ({})", self.off_reason);
+        };
+        match confinement(self.confine, &self.user, Powers::current()) {
+            Ok(how) => format!(
+                "{l} -f <spec> --list (timeout {} s, {how})",
                 self.timeout.as_secs_f64()
             ),
-            None => format!("off ({})", self.off_reason),
+            Err(why) => format!("refusing every spec: {why}"),
         }
     }
 
@@ -161,38 +209,96 @@ impl Gate {
         self.locust.is_some()
     }
 
-    /// Unpacks `packed` into the scratch directory and loads it with Locust.
+    /// Unpacks `packed` into the gate's workspace and loads it with Locust, confined.
     pub async fn check(&self, packed: &Packed, locustfile: &str, limits: &Limits) -> Verdict {
         let Some(locust) = &self.locust else {
             return Verdict::Passed { users: vec![] };
         };
-        let run = self.scratch.join(&packed.sha256[..16]);
-        let _ = std::fs::remove_dir_all(&run);
-        let spec = run.join("spec");
-        let home = run.join("home");
-        if let Err(e) = bundle::unpack(&packed.bytes, &spec, limits)
-            .map_err(|e| e.to_string())
-            .and_then(|_| std::fs::create_dir_all(&home).map_err(|e| e.to_string()))
-        {
-            let _ = std::fs::remove_dir_all(&run);
-            return Verdict::Refused {
-                reason: format!("cannot unpack the spec to check it: {e}"),
-                output: vec![],
-            };
-        }
-        let verdict = match run_list(locust, &spec, locustfile, &home, self.timeout).await {
-            Ok((exit, out, err)) => judge(&exit, &out, &err, &spec.display().to_string()),
-            Err(e) => Verdict::Refused {
-                reason: format!(
-                    "cannot run the validation gate ({locust}: {e}); set spec.locust in \
-                     fleet.toml, or spec.validate = false"
-                ),
+        let verdict = match self.prepare(locust, packed, limits) {
+            Err(reason) => Verdict::Refused {
+                reason,
                 output: vec![],
             },
+            Ok(p) => {
+                let v = match run_list(p.cmd, &p.exe, &p.spec, locustfile, &p.home, self.timeout)
+                    .await
+                {
+                    Ok((exit, out, err)) => judge(&exit, &out, &err, &p.spec.display().to_string()),
+                    Err(e) => Verdict::Refused {
+                        reason: cannot_run(locust, &e),
+                        output: vec![],
+                    },
+                };
+                self.empty();
+                v
+            }
         };
-        let _ = std::fs::remove_dir_all(&run);
         verdict
     }
+
+    /// Empties the workspace after a check (only ever called once it was claimed).
+    fn empty(&self) {
+        for d in ["spec", "home"] {
+            let _ = std::fs::remove_dir_all(self.workspace.root.join(d));
+        }
+    }
+
+    /// Everything a check needs before Locust starts: where it runs, as whom, under which
+    /// rules. `Err` is the refusal's reason.
+    fn prepare(&self, locust: &str, packed: &Packed, limits: &Limits) -> Result<Prepared, String> {
+        let exe = confine::which(locust, std::env::var_os("PATH").as_ref()).ok_or_else(|| {
+            cannot_run(locust, &std::io::Error::from(std::io::ErrorKind::NotFound))
+        })?;
+        let (decision, user) =
+            confine::who(self.confine, &self.user, Powers::current()).map_err(refusal)?;
+        self.workspace.claim().map_err(refusal)?;
+        // Past the claim the workspace is ours, and emptied whatever happens next.
+        let ready = self.ready(exe, decision, user, packed, limits);
+        if ready.is_err() {
+            self.empty();
+        }
+        ready
+    }
+
+    /// Unpacks the spec into the claimed workspace, makes the scratch `HOME` and the command.
+    fn ready(
+        &self,
+        exe: PathBuf,
+        decision: Decision,
+        user: Option<(u32, u32)>,
+        packed: &Packed,
+        limits: &Limits,
+    ) -> Result<Prepared, String> {
+        let spec = self.workspace.root.join("spec");
+        let _ = std::fs::remove_dir_all(&spec);
+        bundle::unpack(&packed.bytes, &spec, limits)
+            .map_err(|e| e.to_string())
+            .and_then(|_| confine::open_dirs(&spec).map_err(|e| e.to_string()))
+            .map_err(|e| format!("cannot unpack the spec to check it: {e}"))?;
+        let [home] = self.workspace.scratch(["home"], user).map_err(refusal)?;
+        let inputs = confine::Inputs {
+            decision,
+            user: &self.user,
+            fleet_dir: &self.fleet_dir,
+            locust: &exe,
+            workspace: &self.workspace,
+        };
+        let mode = confine::plan(&inputs, user).map_err(refusal)?;
+        let cmd = confine::command(&mode, &exe).map_err(refusal)?;
+        Ok(Prepared {
+            cmd,
+            exe,
+            spec,
+            home,
+        })
+    }
+}
+
+fn cannot_run(locust: &str, e: &std::io::Error) -> String {
+    format!(
+        "cannot run the validation gate ({locust}: {e}); set spec.locust in fleet.toml, or \
+         spec.validate = false"
+    )
 }
 
 /// The environment Locust loads the spec in: nothing of the controller's own, so a spec that
@@ -216,22 +322,24 @@ fn cleared_env(locust: &str, home: &Path) -> Vec<(String, String)> {
     ]
 }
 
-/// Runs `locust -f spec/locustfile --list` in `spec` (as a worker runs there) in a process
-/// group of its own, killed whole at the timeout.
+/// Runs `locust -f spec/locustfile --list` in `spec` (as a worker runs there) through `cmd`
+/// (`locust`, or `fleet master-exec` that becomes it) in a process group of its own, killed
+/// whole at the timeout.
 async fn run_list(
-    locust: &str,
+    mut cmd: tokio::process::Command,
+    locust: &Path,
     spec: &Path,
     locustfile: &str,
     home: &Path,
     timeout: Duration,
 ) -> std::io::Result<(Exit, String, String)> {
-    let mut child = tokio::process::Command::new(locust)
+    let mut child = cmd
         .arg("-f")
         .arg(spec.join(locustfile))
         .arg("--list")
         .current_dir(spec)
         .env_clear()
-        .envs(cleared_env(locust, home))
+        .envs(cleared_env(&locust.to_string_lossy(), home))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -271,7 +379,7 @@ async fn run_list(
 mod tests {
     use super::*;
 
-    const SCRATCH: &str = "/srv/fleet/state/gate/abcd/spec";
+    const SCRATCH: &str = "/tmp/fleet-gate-0123456789abcdef/spec";
 
     #[test]
     fn a_spec_that_lists_users_passes_with_them() {
@@ -359,6 +467,112 @@ mod tests {
             panic!("passed");
         };
         assert!(reason.contains("within 20 s"), "{reason}");
+    }
+
+    #[test]
+    fn the_gate_is_confined_as_the_master_or_refuses_every_spec() {
+        let p = |root, landlock| Powers { root, landlock };
+        let c = |confine, powers| confinement(confine, "fleet-locust", powers);
+        assert_eq!(
+            c(true, p(true, true)).unwrap(),
+            "as fleet-locust, under Landlock"
+        );
+        assert_eq!(c(true, p(true, false)).unwrap(), "as fleet-locust");
+        assert_eq!(c(true, p(false, true)).unwrap(), "under Landlock");
+        assert_eq!(
+            c(false, p(false, false)).unwrap(),
+            "unconfined: master.confine = false"
+        );
+        let e = c(true, p(false, false)).unwrap_err();
+        assert!(
+            e.starts_with("cannot confine the validation gate: ")
+                && e.contains("master.confine = false")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+
+    /// A gate whose `locust` is a script that lists one user class when it runs in the gate's
+    /// workspace on the unpacked spec (and fails elsewhere), with
+    /// confinement off (a confined check runs `fleet master-exec`, which the e2e tests cover).
+    fn fake_gate(dir: &Path) -> Gate {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = &std::fs::canonicalize(dir).unwrap();
+        let locust = dir.join("locust");
+        std::fs::write(
+            &locust,
+            format!(
+                "#!/bin/sh\n[ \"$PWD\" = {ws}/spec ] && [ -f \"$2\" ] || {{ echo \"not in {ws}/spec: $PWD $2\" >&2; exit 3; }}\nprintf 'Available Users:\\n    Web\\n'\n",
+                ws = dir.join("ws").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&locust, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Gate {
+            locust: Some(locust.display().to_string()),
+            off_reason: String::new(),
+            timeout: Duration::from_secs(10),
+            workspace: Workspace {
+                root: dir.join("ws"),
+            },
+            confine: false,
+            user: "nobody".into(),
+            fleet_dir: dir.join("fleet"),
+        }
+    }
+
+    fn packed(dir: &Path) -> Packed {
+        let spec = dir.join("spec-src");
+        std::fs::create_dir_all(&spec).unwrap();
+        std::fs::write(spec.join("locustfile.py"), "x = 1\n").unwrap();
+        bundle::pack_dir(&spec, "locustfile.py", &Limits::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_check_runs_in_the_gates_workspace_and_leaves_it_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let gate = fake_gate(d.path());
+        let v = gate
+            .check(&packed(d.path()), "locustfile.py", &Limits::default())
+            .await;
+        assert_eq!(
+            v,
+            Verdict::Passed {
+                users: vec!["Web".into()]
+            }
+        );
+        let left: Vec<_> = std::fs::read_dir(&gate.workspace.root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_workspace_others_can_write_is_refused_before_the_spec_runs() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let gate = fake_gate(d.path());
+        std::fs::create_dir_all(gate.workspace.root.join("spec")).unwrap();
+        std::fs::write(gate.workspace.root.join("spec/theirs"), "").unwrap();
+        std::fs::set_permissions(&gate.workspace.root, std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+        let Verdict::Refused { reason, .. } = gate
+            .check(&packed(d.path()), "locustfile.py", &Limits::default())
+            .await
+        else {
+            panic!("passed");
+        };
+        assert!(
+            reason.starts_with("cannot confine the validation gate: ")
+                && reason.ends_with("remove it"),
+            "{reason}"
+        );
+        assert!(
+            gate.workspace.root.join("spec/theirs").exists(),
+            "nothing is removed from a workspace that is not ours"
+        );
     }
 
     #[test]
