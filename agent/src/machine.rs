@@ -43,14 +43,17 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    pub fn of(r: &Release) -> RunSpec {
+    /// What `node_id`'s workers run for release `r`: with several masters listed, the one the
+    /// node picks (rendezvous hashing on its id), with that master's epoch.
+    pub fn of(r: &Release, node_id: &str) -> RunSpec {
         let m = &r.manifest;
+        let (master, epoch) = m.master_for(node_id);
         RunSpec {
             sha: m.bundle.sha256.clone(),
             dir: r.dir.clone(),
             locustfile: m.locustfile.clone(),
-            master: m.master.clone(),
-            epoch: m.master_epoch,
+            master,
+            epoch,
             worker_args: m.worker_args.clone(),
             sequence: m.sequence,
         }
@@ -199,7 +202,8 @@ impl Machine {
         };
         if let Some(good) = last_good {
             m.status = NodeStatus::OfflineFallback;
-            m.switch_to(RunSpec::of(&good), now);
+            let spec = RunSpec::of(&good, &m.settings.node_id);
+            m.switch_to(spec, now);
             m.latest = Some(good);
             m.emit(Effect::Publish);
         }
@@ -350,7 +354,7 @@ impl Machine {
     }
 
     fn on_release(&mut self, rel: Release, now: Instant) {
-        let mut spec = RunSpec::of(&rel);
+        let mut spec = RunSpec::of(&rel, &self.settings.node_id);
         if self.rejected.as_deref() == Some(spec.sha.as_str()) {
             // A newer publication of a bundle that crash-looped here (a master restart, say):
             // follow its master and arguments, but keep running the last good code.
@@ -581,7 +585,7 @@ impl Machine {
         };
         self.status != NodeStatus::CrashLoop
             && latest.manifest.bundle.sha256 == cur.spec.sha
-            && RunSpec::of(latest).same_workers(&cur.spec)
+            && RunSpec::of(latest, &self.settings.node_id).same_workers(&cur.spec)
             && self
                 .last_good
                 .as_ref()
@@ -641,6 +645,7 @@ mod tests {
                 master_epoch: epoch,
                 worker_args: vec![],
                 created: String::new(),
+                masters: vec![],
             },
             signed: Signed {
                 bytes: vec![],
@@ -719,6 +724,28 @@ mod tests {
         assert_eq!(stops(&fx), Vec::<GenId>::new(), "the old workers overlap");
         assert_eq!(m.status, NodeStatus::Starting);
         m
+    }
+
+    #[test]
+    fn with_several_masters_the_node_runs_against_its_pick_and_only_its_epoch_restarts_it() {
+        let mut rel = rel("a", 1, 1);
+        rel.manifest.masters = (0..3)
+            .map(|k| fleet_common::manifest::ShardAddr {
+                host: "10.0.0.5".into(),
+                port: 6000 + k,
+                epoch: 1,
+            })
+            .collect();
+        let mine = fleet_common::shard::pick("node-1", 3);
+        let spec = RunSpec::of(&rel, "node-1");
+        assert_eq!(spec.master.port, 6000 + mine as u16);
+        // Another shard restarted: same workers here. This one restarted: new workers.
+        let mut other = rel.clone();
+        other.manifest.masters[(mine + 1) % 3].epoch = 2;
+        assert!(RunSpec::of(&other, "node-1").same_workers(&spec));
+        let mut own = rel.clone();
+        own.manifest.masters[mine].epoch = 2;
+        assert!(!RunSpec::of(&own, "node-1").same_workers(&spec));
     }
 
     #[test]

@@ -501,6 +501,7 @@ mod tests {
             master_epoch: 1,
             worker_args: vec![],
             created: String::new(),
+            masters: vec![],
         }
     }
 

@@ -153,6 +153,7 @@ mod tests {
             master_epoch: 1,
             worker_args: vec![],
             created: "2025-01-01T00:00:00Z".into(),
+            masters: vec![],
         }
     }
 

@@ -16,6 +16,7 @@ pub mod manifest;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod secret;
+pub mod shard;
 #[cfg(feature = "client")]
 pub mod url;
 pub mod wire;

@@ -29,6 +29,14 @@ pub struct MasterAddr {
     pub port: u16,
 }
 
+/// One master of a sharded fleet: where its workers connect, and its own epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardAddr {
+    pub host: String,
+    pub port: u16,
+    pub epoch: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`FORMAT`].
@@ -49,9 +57,32 @@ pub struct Manifest {
     pub worker_args: Vec<String>,
     /// Creation time, RFC 3339 UTC.
     pub created: String,
+    /// Every master when the controller runs more than one (shards), shard 0 first; `master`
+    /// and `master_epoch` are then shard 0's, for agents that know no shards. Absent (empty)
+    /// for one master, so such a manifest is byte for byte what it was before shards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masters: Vec<ShardAddr>,
 }
 
 impl Manifest {
+    /// The master `node_id`'s workers join and its epoch: the node's rendezvous pick among
+    /// `masters` ([`crate::shard::pick`]), or `master` when there are no shards.
+    pub fn master_for(&self, node_id: &str) -> (MasterAddr, u64) {
+        match self
+            .masters
+            .get(crate::shard::pick(node_id, self.masters.len()))
+        {
+            Some(s) => (
+                MasterAddr {
+                    host: s.host.clone(),
+                    port: s.port,
+                },
+                s.epoch,
+            ),
+            None => (self.master.clone(), self.master_epoch),
+        }
+    }
+
     /// What agents compare to decide whether their workers must restart: same bundle, same
     /// master incarnation and the same arguments mean the running workers are already right.
     pub fn run_key(&self) -> (&str, &str, &MasterAddr, u64, &[String]) {
@@ -257,7 +288,41 @@ mod tests {
             master_epoch: 1,
             worker_args: vec![],
             created: "2026-11-24T00:00:00Z".into(),
+            masters: vec![],
         }
+    }
+
+    #[test]
+    fn one_master_serialises_as_before_shards_and_shards_pick_by_node() {
+        let one = sample(1, b"x");
+        let json = String::from_utf8(serde_json::to_vec(&one).unwrap()).unwrap();
+        assert!(!json.contains("masters"), "{json}");
+        assert_eq!(one.master_for("any"), (one.master.clone(), 1));
+        let mut three = sample(1, b"x");
+        three.masters = (0..3)
+            .map(|k| ShardAddr {
+                host: "10.0.0.5".into(),
+                port: 5557 + k,
+                epoch: 10 + u64::from(k),
+            })
+            .collect();
+        for node in ["i-1", "i-2", "i-3", "i-4", "i-5", "i-6"] {
+            let k = crate::shard::pick(node, 3);
+            let (addr, epoch) = three.master_for(node);
+            assert_eq!(
+                (addr.port, epoch),
+                (5557 + k as u16, 10 + k as u64),
+                "{node}"
+            );
+        }
+        // An agent that knows no shards reads the same bytes and joins shard 0.
+        #[derive(Deserialize)]
+        struct Old {
+            master: MasterAddr,
+            master_epoch: u64,
+        }
+        let old: Old = serde_json::from_slice(&serde_json::to_vec(&three).unwrap()).unwrap();
+        assert_eq!((old.master, old.master_epoch), (three.master.clone(), 1));
     }
 
     #[test]

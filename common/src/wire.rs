@@ -353,6 +353,31 @@ pub struct MasterView {
     pub web_url: String,
     /// The swarm the controller re-starts after a master restart, if a test is running.
     pub swarm: Option<SwarmRequest>,
+    /// Every master the controller runs, shard 0 (the fields above) first. One entry for a
+    /// fleet of one master; empty from a controller older than shards.
+    #[serde(default)]
+    pub shards: Vec<ShardView>,
+    /// One line when the expected workers are more than the masters carry, saying what to set.
+    #[serde(default)]
+    pub capacity_warning: Option<String>,
+}
+
+/// One master of a sharded fleet, in `GET /api/master`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardView {
+    pub index: u32,
+    pub pid: Option<u32>,
+    pub epoch: u64,
+    pub restarts: u64,
+    /// Its web API, which `/locust/<index>/` proxies (`/locust/` for shard 0).
+    pub web_url: String,
+    /// The ZMQ port its workers connect to.
+    pub port: u16,
+    /// Its share of the recorded test.
+    pub swarm: Option<SwarmRequest>,
+    /// Locust's numbers at the last poll; null when it did not answer.
+    pub workers: Option<u64>,
+    pub users: Option<u64>,
 }
 
 #[cfg(test)]

@@ -293,6 +293,16 @@ pub struct MasterConfig {
     /// Longest wait for the web UI's answer through the `/locust/` proxy, then `504`.
     #[serde(default = "default_proxy_timeout_s")]
     pub proxy_timeout_s: u64,
+    /// Workers one master should carry (docs/architecture-master.md, "Shards").
+    #[serde(default = "default_capacity")]
+    pub capacity: u64,
+    /// How many masters run: a number, or `"auto"` for enough of `capacity` each.
+    #[serde(default)]
+    pub shards: crate::master::capacity::Shards,
+}
+
+fn default_capacity() -> u64 {
+    crate::master::capacity::DEFAULT_CAPACITY
 }
 
 fn default_master_user() -> String {

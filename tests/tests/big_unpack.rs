@@ -54,6 +54,7 @@ fn manifest_for(sequence: u64, p: &Packed) -> Manifest {
         master_epoch: 1,
         worker_args: vec![],
         created: "2026-01-01T00:00:00Z".into(),
+        masters: vec![],
     }
 }
 

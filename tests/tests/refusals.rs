@@ -716,6 +716,7 @@ fn manifest_for(sequence: u64, bytes: &[u8]) -> Manifest {
         master_epoch: 1,
         worker_args: vec![],
         created: "2026-01-01T00:00:00Z".into(),
+        masters: vec![],
     }
 }
 

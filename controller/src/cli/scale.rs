@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use fleet_common::wire::NodeView;
+use fleet_common::wire::{routes, MasterView, NodeView};
 use serde::Serialize;
 
 use super::api::Api;
@@ -16,6 +16,7 @@ use super::render::{bar, Output};
 use crate::backend::{plan, Backend, NodeInfo, ScalePlan};
 use crate::config::Fleet;
 use crate::daemon::SILENT_AFTER_S;
+use crate::master::capacity;
 
 /// Converge the fleet to N nodes, up or down.
 #[derive(clap::Args)]
@@ -55,6 +56,8 @@ pub struct ScaleReport {
     pub connected: usize,
     pub dry_run: bool,
     pub seconds: f64,
+    /// One line when the nodes' workers are more than the Locust masters carry (null if not).
+    pub capacity_warning: Option<String>,
 }
 
 impl fmt::Display for ScaleReport {
@@ -69,7 +72,7 @@ impl fmt::Display for ScaleReport {
                 self.plan.cleanup.len(),
                 self.live
             )?;
-            stopped_note(f, &self.plan.stopped)
+            stopped_note(f, &self.plan.stopped)?;
         } else {
             write!(
                 f,
@@ -80,9 +83,29 @@ impl fmt::Display for ScaleReport {
                 self.connected,
                 self.seconds
             )?;
-            stopped_note(f, &self.plan.stopped)
+            stopped_note(f, &self.plan.stopped)?;
         }
+        if let Some(w) = &self.capacity_warning {
+            write!(f, "\nwarning: {w}")?;
+        }
+        Ok(())
     }
+}
+
+/// The warning for `desired` nodes of `backend`: their workers against the masters that run
+/// (`running`, from the controller) or, when it is not up, the masters `fleet serve` would
+/// start for them.
+pub fn capacity_warning(
+    fleet: &Fleet,
+    backend: &str,
+    desired: usize,
+    running: Option<u32>,
+) -> Option<String> {
+    let m = &fleet.config.master;
+    let per_node = capacity::workers_per_node(&fleet.config.local, &fleet.config.ec2, backend);
+    let expected = capacity::expected_workers(desired, per_node, 0);
+    let shards = running.unwrap_or_else(|| capacity::shard_count(m.shards, expected, m.capacity));
+    capacity::overload(expected, shards, m.capacity, m.shards).map(|o| o.to_string())
 }
 
 /// Stopped nodes are left alone; say so, so that they are not forgotten.
@@ -135,7 +158,17 @@ pub async fn scale<B: Backend>(
         connected: 0,
         dry_run,
         seconds: 0.0,
+        capacity_warning: None,
     };
+    // The masters that run, if the controller answers; else the ones it would start.
+    let running = match Api::new(fleet) {
+        Ok(api) => match api.get_json::<MasterView>(routes::API_MASTER).await {
+            Ok(m) if !m.shards.is_empty() => Some(m.shards.len() as u32),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    report.capacity_warning = capacity_warning(fleet, backend.name(), desired, running);
     if dry_run {
         return Ok(report);
     }
@@ -323,6 +356,57 @@ mod tests {
             view("x", true, 1.0),
         ];
         assert_eq!(connected(&live, &views), ["a"]);
+    }
+
+    #[test]
+    fn scaling_past_one_masters_capacity_warns_with_the_setting_to_change() {
+        let d = tempfile::tempdir().unwrap();
+        crate::cli::init::init(
+            d.path(),
+            &crate::cli::init::InitOptions {
+                name: "t".into(),
+                listen: "127.0.0.1:8443".into(),
+                url: None,
+                cert_names: vec![],
+                locust: "locust".into(),
+                target: "http://127.0.0.1:8080".into(),
+                force: false,
+            },
+        )
+        .unwrap();
+        let mut fleet = Fleet::load(d.path()).unwrap();
+        fleet.config.ec2.instance_types = vec!["c6i.xlarge".into()];
+        // 1000 nodes of 4 vCPUs: 4000 workers on one master of 2500.
+        let w = capacity_warning(&fleet, "ec2", 1000, Some(1)).expect("warned");
+        assert!(
+            w.contains("4000 workers expected on one Locust master"),
+            "{w}"
+        );
+        assert!(w.contains("master.shards = 2"), "{w}");
+        assert_eq!(capacity_warning(&fleet, "ec2", 600, Some(1)), None);
+        // Two masters running carry it; "auto" with the controller down would start enough.
+        assert_eq!(capacity_warning(&fleet, "ec2", 1000, Some(2)), None);
+        fleet.config.master.shards = capacity::Shards::Auto;
+        assert_eq!(capacity_warning(&fleet, "ec2", 1000, None), None);
+        let w = capacity_warning(&fleet, "ec2", 1000, Some(1)).expect("warned");
+        assert!(w.contains("runs 2 after `fleet serve` restarts"), "{w}");
+        let report = ScaleReport {
+            backend: "ec2",
+            desired: 1000,
+            plan: ScalePlan::default(),
+            launched: vec![],
+            terminated: vec![],
+            live: 0,
+            connected: 0,
+            dry_run: true,
+            seconds: 0.0,
+            capacity_warning: Some(w.clone()),
+        };
+        assert!(report.to_string().ends_with(&format!("\nwarning: {w}")));
+        assert_eq!(
+            serde_json::to_value(&report).unwrap()["capacity_warning"],
+            w
+        );
     }
 
     #[test]

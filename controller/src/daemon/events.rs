@@ -129,7 +129,8 @@ fn summary_for(st: &AppState, spec: &SpecView) -> NodeSummary {
 pub fn parts(st: &AppState) -> Parts {
     let spec = st.publisher.view();
     let nodes = summary_for(st, &spec);
-    let master = st.master.view();
+    let mut master = st.master.view();
+    master.capacity_warning = st.master.capacity_warning(st.nodes.listed_count());
     let stats = st.master.stats();
     build(spec, nodes, master, stats.as_ref())
 }
@@ -355,6 +356,8 @@ mod tests {
             user_classes: vec!["Web".into()],
             web_url: "http://127.0.0.1:8089/locust".into(),
             swarm: None,
+            shards: vec![],
+            capacity_warning: None,
         }
     }
 
@@ -662,6 +665,7 @@ mod tests {
             },
             master_epoch: 0,
             worker_args: vec![],
+            masters: vec![],
         };
         std::fs::write(spec_dir.path().join("locustfile.py"), "one").unwrap();
         let one = pack_dir(spec_dir.path(), "locustfile.py", &Limits::default()).unwrap();

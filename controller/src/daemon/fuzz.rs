@@ -129,6 +129,7 @@ fn current_manifest() -> Manifest {
             port: 5557,
         },
         master_epoch: 1,
+        masters: vec![],
         worker_args: vec![],
         created: "2026-01-01T00:00:00Z".into(),
     }

@@ -187,7 +187,25 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         })?;
     let addr = listener.local_addr()?;
 
-    let master = Master::start(cfg.master.clone(), &cfg.controller.locustfile, &state_dir);
+    let shards = crate::master::shards_to_start(&cfg.master, &state_dir);
+    let master = Master::start_shards(
+        cfg.master.clone(),
+        &cfg.controller.locustfile,
+        &state_dir,
+        shards,
+    );
+    let backend = cfg.scale.backend.map_or("local", |b| b.name());
+    master.set_per_node(crate::master::capacity::workers_per_node(
+        &cfg.local, &cfg.ec2, backend,
+    ));
+    if master.shard_count() > 1 {
+        log!(
+            "running {} Locust masters (master.shards = {}, {} workers each)",
+            master.shard_count(),
+            cfg.master.shards,
+            cfg.master.capacity
+        );
+    }
     let limits = fleet_common::bundle::Limits {
         max_packed: cfg.controller.max_bundle_bytes,
         ..Default::default()

@@ -71,7 +71,9 @@ pub(super) async fn api_spec(State(st): State<Shared>) -> Response {
 
 /// The Locust master as the supervisor sees it.
 pub(super) async fn api_master(State(st): State<Shared>) -> Response {
-    Json(st.master.view()).into_response()
+    let mut view = st.master.view();
+    view.capacity_warning = st.master.capacity_warning(st.nodes.listed_count());
+    Json(view).into_response()
 }
 
 /// The dashboard's live feed: a Server-Sent Events stream of snapshots (`events.rs`).
@@ -89,8 +91,8 @@ pub(super) async fn api_swarm(State(st): State<Shared>, Json(s): Json<SwarmReque
     }
     // With no worker, Locust answers success and runs nothing (docs/locust.md, "The web UI and
     // REST API, as a proxy in front sees them"): say so instead.
-    match st.master.api.stats().await {
-        Ok(stats) if stats.worker_count == 0 => {
+    match st.master.worker_count().await {
+        Ok(0) => {
             return error(
                 StatusCode::CONFLICT,
                 "no Locust worker is connected; scale the fleet up first",
@@ -99,19 +101,15 @@ pub(super) async fn api_swarm(State(st): State<Shared>, Json(s): Json<SwarmReque
         Ok(_) => {}
         Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
-    match st.master.api.swarm(&s).await {
-        Ok(()) => {
-            st.master.set_swarm(Some(s));
-            Json(serde_json::json!({ "ok": true })).into_response()
-        }
+    match st.master.swarm(&s).await {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
         Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }
 }
 
 /// Stops the test; the swarm keeper forgets it.
 pub(super) async fn api_stop(State(st): State<Shared>) -> Response {
-    st.master.set_swarm(None);
-    match st.master.api.stop().await {
+    match st.master.stop_test().await {
         Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
         Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }

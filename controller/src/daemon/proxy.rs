@@ -51,7 +51,9 @@ pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let api = &st.master.api;
+    // `/locust/<k>/...` is shard k's own UI (k > 0; its base ends in `/locust/<k>`).
+    let (shard, path) = shard_of(path, st.master.shard_count());
+    let api = st.master.shard_api(shard).unwrap_or(&st.master.api);
     // `base` ends in `/locust` for a managed master; the remaining path goes after it.
     let uri = format!("{}{path}{query}", api.base());
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
@@ -60,7 +62,9 @@ pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
             return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response()
         }
     };
-    record(&st.master, &parts.method, path, &body);
+    if shard == 0 {
+        record(&st.master, &parts.method, path, &body);
+    }
     let mut out = hyper::Request::builder()
         .method(parts.method.clone())
         .uri(&uri);
@@ -154,6 +158,22 @@ fn upstream_failure(f: Failure<'_>, timeout: Duration) -> Response {
     (status, msg).into_response()
 }
 
+/// The shard a path after `/locust` is for, and the path its UI sees after its base:
+/// `/2/stats` with 3 shards is shard 2's `/stats`; anything else is shard 0's.
+fn shard_of(path: &str, shards: usize) -> (usize, &str) {
+    let Some(rest) = path.strip_prefix('/') else {
+        return (0, path);
+    };
+    let (first, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    match first.parse::<usize>() {
+        Ok(k) if k > 0 && k < shards && !first.starts_with('0') => (k, tail),
+        _ => (0, path),
+    }
+}
+
 /// A test started or stopped through the Locust UI: the swarm keeper holds it (or forgets it)
 /// as if it came through `/api/swarm` or `/api/stop`.
 fn record(master: &crate::master::Master, method: &axum::http::Method, path: &str, body: &[u8]) {
@@ -189,5 +209,22 @@ mod tests {
             Some("2.5")
         );
         assert_eq!(super::form_value("user_count=5", "host"), None);
+    }
+
+    #[test]
+    fn a_shard_number_after_locust_picks_that_shards_ui() {
+        use super::shard_of;
+        assert_eq!(shard_of("/2/stats/requests", 3), (2, "/stats/requests"));
+        assert_eq!(shard_of("/1/", 3), (1, "/"));
+        assert_eq!(shard_of("/1", 3), (1, ""));
+        // Shard 0, a number past the shards, and Locust's own paths stay with shard 0.
+        for p in ["/0/x", "/3/x", "/01/x", "/stats/requests", "/", ""] {
+            assert_eq!(shard_of(p, 3), (0, p), "{p}");
+        }
+        assert_eq!(
+            shard_of("/1/x", 1),
+            (0, "/1/x"),
+            "no shards: no shard paths"
+        );
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use bytes::Bytes;
 use fleet_common::bundle::Packed;
-use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, SigningKey, FORMAT};
+use fleet_common::manifest::{BundleRef, Manifest, MasterAddr, ShardAddr, SigningKey, FORMAT};
 use fleet_common::wire::{GateRefusal, Heartbeat, PackRules, SpecVersion, SpecView, MAX_SEQUENCE};
 use tokio::sync::watch;
 
@@ -50,6 +50,8 @@ pub struct Target {
     pub master: MasterAddr,
     pub master_epoch: u64,
     pub worker_args: Vec<String>,
+    /// Every master, when there are shards (the manifest's `masters`); empty for one.
+    pub masters: Vec<ShardAddr>,
 }
 
 pub struct Publisher {
@@ -310,6 +312,7 @@ impl Publisher {
             master: cur.manifest.master.clone(),
             master_epoch: cur.manifest.master_epoch,
             worker_args: cur.manifest.worker_args.clone(),
+            masters: cur.manifest.masters.clone(),
         };
         self.publish_inner(
             &cur.manifest.bundle.sha256,
@@ -339,6 +342,7 @@ impl Publisher {
                 && m.master == target.master
                 && m.master_epoch == target.master_epoch
                 && m.worker_args == target.worker_args
+                && m.masters == target.masters
             {
                 return Ok(cur.clone());
             }
@@ -362,6 +366,7 @@ impl Publisher {
             master_epoch: target.master_epoch,
             worker_args: target.worker_args.clone(),
             created: rfc3339_now(),
+            masters: target.masters.clone(),
         };
         let signed = self.key.sign(&manifest);
         let bpath = self.dir.join(format!("bundles/{sha}.tar.gz"));
@@ -442,6 +447,7 @@ mod tests {
             },
             master_epoch: epoch,
             worker_args: vec![],
+            masters: vec![],
         }
     }
 
@@ -481,6 +487,7 @@ mod tests {
             master_epoch: 1,
             worker_args: vec![],
             created: rfc3339_now(),
+            masters: vec![],
         }
     }
 

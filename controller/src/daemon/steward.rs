@@ -23,6 +23,12 @@ use crate::master::Master;
 /// The origin of a publication of the spec directory's own edits.
 const DIRECTORY: &str = "directory";
 
+/// The epochs for a log line: `3` for one master, `3/1/2` for shards.
+fn epochs_line(epochs: &[u64]) -> String {
+    let all: Vec<String> = epochs.iter().map(u64::to_string).collect();
+    all.join("/")
+}
+
 /// Turns spec changes and master restarts into publications.
 pub(super) struct Steward {
     pub(super) fleet: Fleet,
@@ -36,15 +42,18 @@ pub(super) struct Steward {
 }
 
 impl Steward {
-    fn target(&self, epoch: u64) -> Target {
+    /// What agents run against: shard 0 as `master` (what agents that know no shards join),
+    /// and with shards every master with its epoch.
+    fn target(&self, epochs: &[u64]) -> Target {
         let m = &self.fleet.config.master;
         Target {
             master: MasterAddr {
                 host: m.host.clone(),
                 port: m.port,
             },
-            master_epoch: epoch,
+            master_epoch: epochs.first().copied().unwrap_or(0),
             worker_args: self.fleet.config.agents.worker_args.clone(),
+            masters: self.master.masters(epochs),
         }
     }
 
@@ -92,11 +101,14 @@ impl Steward {
                         epochs_open = false;
                         continue;
                     }
-                    let epoch = *epoch_rx.borrow_and_update();
-                    let stale = self.publisher.current().is_some_and(|p| p.manifest.master_epoch != epoch);
+                    let epochs = epoch_rx.borrow_and_update().clone();
+                    let target = self.target(&epochs);
+                    let stale = self.publisher.current().is_some_and(|p| {
+                        p.manifest.master_epoch != target.master_epoch || p.manifest.masters != target.masters
+                    });
                     if stale {
-                        match self.publisher.retarget(&self.target(epoch)) {
-                            Ok(Some(p)) => log!("published sequence {} for master epoch {epoch}", p.manifest.sequence),
+                        match self.publisher.retarget(&target) {
+                            Ok(Some(p)) => log!("published sequence {} for master epoch {}", p.manifest.sequence, epochs_line(&epochs)),
                             Ok(None) => {}
                             Err(e) => log!("cannot publish: {e:#}"),
                         }
@@ -187,7 +199,7 @@ impl Steward {
                 return Err(line);
             }
         }
-        let epoch = match self.master.ensure(dir).await {
+        let epochs = match self.master.ensure(dir).await {
             Ok(e) => e,
             Err(e) => {
                 let line = format!("Locust master: {e:#}");
@@ -197,7 +209,11 @@ impl Steward {
             }
         };
         let before = self.publisher.current().map(|p| p.manifest.sequence);
-        match self.publisher.publish(packed, &self.target(epoch), origin) {
+        let epoch = epochs_line(&epochs);
+        match self
+            .publisher
+            .publish(packed, &self.target(&epochs), origin)
+        {
             Ok(p) => {
                 if Some(p.manifest.sequence) != before {
                     log!(

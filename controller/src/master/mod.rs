@@ -16,6 +16,8 @@
 //! running (same epoch, the test keeps running) instead of starting a second one.
 
 mod api;
+mod balance;
+pub mod capacity;
 mod classes;
 pub mod confine;
 mod keeper;
@@ -28,7 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet_common::wire::{MasterView, SwarmRequest};
+use fleet_common::manifest::ShardAddr;
+use fleet_common::wire::{MasterView, ShardView, SwarmRequest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{Id, JoinSet};
@@ -61,6 +64,8 @@ pub enum MasterError {
     TaskEnded { task: &'static str, how: String },
     #[error("cannot confine the Locust master: {0}")]
     Confine(String),
+    #[error("shard {shard}'s ports would pass 65535; lower master.port, the web_url's port or master.shards in fleet.toml")]
+    ShardPorts { shard: u32 },
 }
 
 /// `master.env_allow`, checked as `fleet.toml` is read.
@@ -130,14 +135,61 @@ struct Tasks {
     stopping: watch::Sender<bool>,
 }
 
-/// A handle on the supervised master.
-#[derive(Clone)]
-pub struct Master {
+/// One master of the fleet (a shard): its ports, its state, its supervisor's commands.
+struct Shard {
+    index: u32,
     cfg: MasterConfig,
     shared: Arc<Shared>,
     cmds: mpsc::Sender<Cmd>,
-    epoch_rx: watch::Receiver<u64>,
+    api: LocustApi,
+}
+
+/// A state or log file of shard `index`: `master.json` for shard 0 (as before shards),
+/// `master-2.json` for shard 2.
+pub(crate) fn shard_file(index: u32, stem: &str, ext: &str) -> String {
+    match index {
+        0 => format!("{stem}.{ext}"),
+        k => format!("{stem}-{k}.{ext}"),
+    }
+}
+
+/// The expected worker count, kept for the next start's `shards = "auto"`.
+const EXPECTED_FILE: &str = "master-expected.json";
+
+/// How many masters to start: `master.shards`, or for `"auto"` enough for the workers
+/// expected when the controller last ran (`state/master-expected.json`).
+pub fn shards_to_start(cfg: &MasterConfig, state_dir: &Path) -> u32 {
+    let expected = std::fs::read_to_string(state_dir.join(EXPECTED_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    capacity::shard_count(cfg.shards, expected, cfg.capacity)
+}
+
+/// The test over all shards as the operator recorded it (`state/master-test.json`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Total {
+    swarm: Option<SwarmRequest>,
+    /// When its `run_time` ends (not saved: each shard's own record ends its share too).
+    #[serde(skip)]
+    until: Option<Instant>,
+}
+
+/// A handle on the supervised masters (one, or one per shard).
+#[derive(Clone)]
+pub struct Master {
+    cfg: MasterConfig,
+    shards: Arc<Vec<Shard>>,
+    /// The operator's test over all shards; each shard's keeper keeps its share.
+    total: Arc<watch::Sender<Total>>,
+    total_file: PathBuf,
+    /// Workers per node of the configured backend, and the last expected worker count.
+    per_node: Arc<watch::Sender<Option<u32>>>,
+    expected: Arc<watch::Sender<u64>>,
+    expected_file: PathBuf,
+    epoch_rx: watch::Receiver<Vec<u64>>,
     tasks: Arc<Tasks>,
+    /// Shard 0's web API (the only one of a fleet of one master).
     pub api: LocustApi,
 }
 
@@ -147,55 +199,105 @@ impl Master {
         std::time::Duration::from_secs(self.cfg.proxy_timeout_s.max(1))
     }
 
-    /// Starts the supervisor (for a managed master) and the keeper. `state_dir` keeps
-    /// `master.json` and `master.log`. Call within a Tokio runtime.
+    /// Starts one master per shard (`count`; an external master is always one): for a
+    /// managed master its supervisor, and for each its keeper. `state_dir` keeps
+    /// `master.json` and `master.log` (shard k > 0: `master-k.json`, `master-k.log`).
+    /// Call within a Tokio runtime.
     pub fn start(cfg: MasterConfig, locustfile: &str, state_dir: &Path) -> Master {
-        let state_file = state_dir.join("master.json");
-        let saved: Saved = std::fs::read(&state_file)
+        Master::start_shards(cfg, locustfile, state_dir, 1)
+    }
+
+    /// [`Master::start`] with `count` shards (docs/architecture-master.md, "Shards").
+    pub fn start_shards(
+        cfg: MasterConfig,
+        locustfile: &str,
+        state_dir: &Path,
+        count: u32,
+    ) -> Master {
+        let count = if cfg.managed { count.max(1) } else { 1 };
+        let mut set = JoinSet::new();
+        let mut names = HashMap::new();
+        let (stopping, stopping_rx) = watch::channel(false);
+        let mut shards = vec![];
+        let mut epochs = vec![];
+        let mut pending = vec![];
+        for index in 0..count {
+            let scfg = match shard_config(&cfg, index) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Ports past 65535: run the shards that fit, and say so.
+                    log!("{e}");
+                    break;
+                }
+            };
+            let state_file = state_dir.join(shard_file(index, "master", "json"));
+            let saved: Saved = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            epochs.push(saved.epoch);
+            let shared = Arc::new(Shared {
+                proc: watch::Sender::new(Proc {
+                    pid: None,
+                    epoch: saved.epoch,
+                    restarts: 0,
+                    classes: saved.classes,
+                    dir: saved.dir,
+                }),
+                desired: watch::Sender::new(Desired {
+                    swarm: saved.swarm,
+                    ..Desired::default()
+                }),
+                stats: watch::Sender::new(None),
+                state_file,
+                saving: Mutex::new(()),
+            });
+            let api = LocustApi::new(&scfg.web_url);
+            let (cmds, rx) = mpsc::channel(8);
+            pending.push((rx, saved.pid));
+            let keeper = keeper::run(shared.clone(), api.clone(), stopping_rx.clone());
+            names.insert(set.spawn(keeper).id(), "swarm keeper");
+            shards.push(Shard {
+                index,
+                cfg: scfg,
+                shared,
+                cmds,
+                api,
+            });
+        }
+        let (epoch_tx, epoch_rx) = watch::channel(epochs);
+        let epoch_tx = Arc::new(epoch_tx);
+        for (shard, (rx, pid)) in shards.iter().zip(pending) {
+            if cfg.managed {
+                let adopted = supervisor::adoptable(pid, supervisor::alive_master);
+                let sup = Supervisor::new(
+                    shard.cfg.clone(),
+                    locustfile,
+                    state_dir,
+                    shard.index,
+                    shard.shared.clone(),
+                    epoch_tx.clone(),
+                    adopted,
+                );
+                names.insert(set.spawn(sup.run(rx)).id(), "supervisor");
+            }
+        }
+        // An external master: nothing to supervise. Dropping the epochs' sender tells the
+        // publisher no restart will come; the epoch stays 0 unless the operator restarts
+        // that master and tells agents with `fleet serve` restarted.
+        drop(epoch_tx);
+        let total_file = state_dir.join("master-test.json");
+        let total: Total = std::fs::read(&total_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let shared = Arc::new(Shared {
-            proc: watch::Sender::new(Proc {
-                pid: None,
-                epoch: saved.epoch,
-                restarts: 0,
-                classes: saved.classes,
-                dir: saved.dir,
-            }),
-            desired: watch::Sender::new(Desired {
-                swarm: saved.swarm,
-                ..Desired::default()
-            }),
-            stats: watch::Sender::new(None),
-            state_file,
-            saving: Mutex::new(()),
-        });
-        let api = LocustApi::new(&cfg.web_url);
-        let (cmds, rx) = mpsc::channel(8);
-        let (epoch_tx, epoch_rx) = watch::channel(saved.epoch);
-        let (stopping, stopping_rx) = watch::channel(false);
-        let mut set = JoinSet::new();
-        let mut names = HashMap::new();
-        if cfg.managed {
-            let adopted = supervisor::adoptable(saved.pid, supervisor::alive_master);
-            let sup = Supervisor::new(
-                cfg.clone(),
-                locustfile,
-                state_dir,
-                shared.clone(),
-                epoch_tx,
-                adopted,
-            );
-            names.insert(set.spawn(sup.run(rx)).id(), "supervisor");
-        } else {
-            // An external master: nothing to supervise. Dropping the epoch's sender tells the
-            // publisher no restart will come; the epoch stays 0 unless the operator restarts
-            // that master and tells agents with `fleet serve` restarted.
-            drop((rx, epoch_tx));
+        let total = Arc::new(watch::Sender::new(total));
+        let shards = Arc::new(shards);
+        if shards.len() > 1 {
+            let bal = balance::run(shards.clone(), total.clone(), stopping_rx);
+            names.insert(set.spawn(bal).id(), "shard balancer");
         }
-        let keeper = keeper::run(shared.clone(), api.clone(), stopping_rx);
-        names.insert(set.spawn(keeper).id(), "swarm keeper");
+        let api = shards[0].api.clone();
         let tasks = Arc::new(Tasks {
             set: tokio::sync::Mutex::new(set),
             names,
@@ -203,8 +305,12 @@ impl Master {
         });
         Master {
             cfg,
-            shared,
-            cmds,
+            shards,
+            total,
+            total_file,
+            per_node: Arc::new(watch::Sender::new(None)),
+            expected: Arc::new(watch::Sender::new(0)),
+            expected_file: state_dir.join(EXPECTED_FILE),
             epoch_rx,
             tasks,
             api,
@@ -215,30 +321,74 @@ impl Master {
         self.cfg.managed
     }
 
-    /// The epoch to publish; it changes at every master (re)start. For an external master
-    /// its sender is gone: `changed()` fails at once.
-    pub fn epoch(&self) -> watch::Receiver<u64> {
+    /// How many masters run.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Shard `k`'s web API (`/locust/<k>/` proxies it).
+    pub fn shard_api(&self, k: usize) -> Option<&LocustApi> {
+        self.shards.get(k).map(|s| &s.api)
+    }
+
+    /// Where each shard's workers connect, as the manifest lists them (empty for one master:
+    /// the manifest then carries `master` alone, as before shards).
+    pub fn masters(&self, epochs: &[u64]) -> Vec<ShardAddr> {
+        if self.shards.len() < 2 {
+            return vec![];
+        }
+        self.shards
+            .iter()
+            .map(|s| ShardAddr {
+                host: s.cfg.host.clone(),
+                port: s.cfg.port,
+                epoch: epochs.get(s.index as usize).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// The epochs to publish, one per shard; each changes at its master's (re)start. For an
+    /// external master the sender is gone: `changed()` fails at once.
+    pub fn epoch(&self) -> watch::Receiver<Vec<u64>> {
         self.epoch_rx.clone()
     }
 
-    /// Makes sure a master runs on `dir`'s user classes; returns the epoch to publish.
-    pub async fn ensure(&self, dir: PathBuf) -> Result<u64, MasterError> {
+    /// Makes sure every shard's master runs on `dir`'s user classes (a change of them restarts
+    /// each); returns the epochs to publish.
+    pub async fn ensure(&self, dir: PathBuf) -> Result<Vec<u64>, MasterError> {
         if !self.cfg.managed {
-            return Ok(*self.epoch_rx.borrow());
+            return Ok(self.epoch_rx.borrow().clone());
         }
-        let (reply, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::Ensure { dir, reply })
-            .await
-            .map_err(|_| MasterError::NoSupervisor)?;
-        rx.await.map_err(|_| MasterError::NoSupervisor)?
+        let mut replies = vec![];
+        for s in self.shards.iter() {
+            let (reply, rx) = oneshot::channel();
+            s.cmds
+                .send(Cmd::Ensure {
+                    dir: dir.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|_| MasterError::NoSupervisor)?;
+            replies.push(rx);
+        }
+        let mut epochs = vec![];
+        for rx in replies {
+            epochs.push(rx.await.map_err(|_| MasterError::NoSupervisor)??);
+        }
+        Ok(epochs)
     }
 
-    /// Stops the managed master's process group and both tasks; returns once they ended.
+    /// Stops every managed master's process group and the tasks; returns once they ended.
     pub async fn stop(&self) {
         self.tasks.stopping.send_replace(true);
-        let (reply, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::Stop { reply }).await.is_ok() {
+        let mut replies = vec![];
+        for s in self.shards.iter() {
+            let (reply, rx) = oneshot::channel();
+            if s.cmds.send(Cmd::Stop { reply }).await.is_ok() {
+                replies.push(rx);
+            }
+        }
+        for rx in replies {
             let _ = rx.await;
         }
         if let Err(e) = self.join().await {
@@ -267,8 +417,11 @@ impl Master {
         Ok(())
     }
 
+    /// Shard 0 as before shards, with every shard listed and the test over all of them.
     pub fn view(&self) -> MasterView {
-        let p = self.shared.proc.borrow();
+        let s0 = &self.shards[0];
+        let p = s0.shared.proc.borrow().clone();
+        let sharded = self.shards.len() > 1;
         MasterView {
             managed: self.cfg.managed,
             pid: p.pid,
@@ -276,13 +429,34 @@ impl Master {
             restarts: p.restarts,
             user_classes: p.classes.iter().cloned().collect(),
             web_url: self.cfg.web_url.clone(),
-            swarm: self.shared.desired.borrow().swarm,
+            swarm: if sharded {
+                self.total.borrow().swarm
+            } else {
+                s0.shared.desired.borrow().swarm
+            },
+            shards: self.shards.iter().map(Shard::view).collect(),
+            capacity_warning: None,
         }
     }
 
-    /// Locust's numbers from the keeper's last poll (once a second).
+    /// Locust's numbers from the keepers' last polls (once a second): shard 0's for one
+    /// master; for shards, their users, workers and RPS summed (`None` until every shard
+    /// answered).
     pub fn stats(&self) -> Option<Stats> {
-        self.shared.stats.borrow().clone()
+        let all: Option<Vec<Stats>> = self
+            .shards
+            .iter()
+            .map(|s| s.shared.stats.borrow().clone())
+            .collect();
+        all.map(|v| balance::sum_stats(&v))
+    }
+
+    /// Each shard's numbers from its keeper's last poll.
+    pub fn shard_stats(&self) -> Vec<Option<Stats>> {
+        self.shards
+            .iter()
+            .map(|s| s.shared.stats.borrow().clone())
+            .collect()
     }
 
     /// Records the test the operator started, so it is re-started after a master restart.
@@ -291,12 +465,150 @@ impl Master {
     }
 
     /// Like [`Master::set_swarm`] for a test that Locust ends by itself after `run_time`.
+    /// With shards, each records its share by its connected workers.
     pub fn set_swarm_until(&self, s: Option<SwarmRequest>, run_time: Option<Duration>) {
-        self.shared
-            .desired
-            .send_replace(Desired::set(s, run_time, Instant::now()));
-        self.shared.save();
+        let now = Instant::now();
+        let shares = self.shares(s);
+        for (shard, share) in self.shards.iter().zip(shares) {
+            shard
+                .shared
+                .desired
+                .send_replace(Desired::set(share, run_time, now));
+            shard.shared.save();
+        }
+        if self.shards.len() > 1 {
+            self.total.send_replace(Total {
+                swarm: s,
+                until: run_time.map(|d| now + d),
+            });
+            let bytes = serde_json::to_vec(&*self.total.borrow()).expect("serialises");
+            let _ = std::fs::write(&self.total_file, bytes);
+        }
     }
+
+    /// `s` split over the shards by their connected workers at the last poll.
+    fn shares(&self, s: Option<SwarmRequest>) -> Vec<Option<SwarmRequest>> {
+        let workers: Vec<u64> = self
+            .shard_stats()
+            .iter()
+            .map(|st| st.as_ref().map_or(0, |st| st.worker_count))
+            .collect();
+        match s {
+            Some(s) => balance::split(&s, &workers),
+            None => vec![None; self.shards.len()],
+        }
+    }
+
+    /// Starts (or resizes) the test on every shard with its share, then records it.
+    pub async fn swarm(&self, s: &SwarmRequest) -> Result<(), ApiError> {
+        let shares = self.shares(Some(*s));
+        for (shard, share) in self.shards.iter().zip(&shares) {
+            match share {
+                Some(share) => shard.api.swarm(share).await?,
+                None if self.shards.len() > 1 => shard.api.stop().await?,
+                None => {}
+            }
+        }
+        self.set_swarm(Some(*s));
+        Ok(())
+    }
+
+    /// Forgets the recorded test, then stops it on every shard.
+    pub async fn stop_test(&self) -> Result<(), ApiError> {
+        self.set_swarm(None);
+        let mut first = Ok(());
+        for shard in self.shards.iter() {
+            if let Err(e) = shard.api.stop().await {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// The workers per node the configured backend runs, for the capacity check.
+    pub fn set_per_node(&self, per_node: Option<u32>) {
+        self.per_node.send_replace(per_node);
+    }
+
+    /// One line when the expected workers are more than the running masters carry: the nodes
+    /// the backend lists times the workers per node, or the workers connected now, whichever is
+    /// more. The expected count is kept in `state/master-expected.json` for the next start's
+    /// `shards = "auto"`.
+    pub fn capacity_warning(&self, listed_nodes: usize) -> Option<String> {
+        let connected = self
+            .shard_stats()
+            .iter()
+            .flatten()
+            .map(|s| s.worker_count)
+            .sum();
+        let expected = capacity::expected_workers(listed_nodes, *self.per_node.borrow(), connected);
+        let changed = self.expected.send_if_modified(|e| {
+            let moved = *e != expected;
+            *e = expected;
+            moved
+        });
+        if changed {
+            let _ = std::fs::write(&self.expected_file, expected.to_string());
+        }
+        capacity::overload(
+            expected,
+            self.shards.len() as u32,
+            self.cfg.capacity,
+            self.cfg.shards,
+        )
+        .map(|o| o.to_string())
+    }
+
+    /// Connected workers over every shard, asked of each master now.
+    pub async fn worker_count(&self) -> Result<u64, ApiError> {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            n += shard.api.stats().await?.worker_count;
+        }
+        Ok(n)
+    }
+}
+
+impl Shard {
+    fn view(&self) -> ShardView {
+        let p = self.shared.proc.borrow();
+        let stats = self.shared.stats.borrow();
+        ShardView {
+            index: self.index,
+            pid: p.pid,
+            epoch: p.epoch,
+            restarts: p.restarts,
+            web_url: self.cfg.web_url.clone(),
+            port: self.cfg.port,
+            swarm: self.shared.desired.borrow().swarm,
+            workers: stats.as_ref().map(|s| s.worker_count),
+            users: stats.as_ref().map(|s| s.user_count),
+        }
+    }
+}
+
+/// Shard `k`'s master settings: shard 0 is `cfg` itself; shard k > 0 has its ZMQ port at
+/// `port + k`, its web port at the web URL's port + k and its web path `<path>/k`, so
+/// `/locust/k/` reaches its UI.
+pub fn shard_config(cfg: &MasterConfig, k: u32) -> Result<MasterConfig, MasterError> {
+    if k == 0 {
+        return Ok(cfg.clone());
+    }
+    let bad_url = || MasterError::WebUrl(cfg.web_url.clone());
+    let uri: hyper::Uri = cfg.web_url.parse().map_err(|_| bad_url())?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad_url)?;
+    let web_port = uri.port_u16().unwrap_or(supervisor::DEFAULT_WEB_PORT);
+    let too_high = || MasterError::ShardPorts { shard: k };
+    let port = u16::try_from(u32::from(cfg.port) + k).map_err(|_| too_high())?;
+    let web_port = u16::try_from(u32::from(web_port) + k).map_err(|_| too_high())?;
+    let path = uri.path().trim_end_matches('/');
+    Ok(MasterConfig {
+        port,
+        web_url: format!("http://{host}:{web_port}{path}/{k}"),
+        ..cfg.clone()
+    })
 }
 
 #[cfg(test)]
@@ -320,6 +632,30 @@ mod tests {
             confine: false,
             ..MasterConfig::default()
         }
+    }
+
+    #[test]
+    fn shard_k_has_its_own_ports_and_web_path_and_shard_0_is_the_config() {
+        let cfg = MasterConfig {
+            port: 5557,
+            web_url: "http://127.0.0.1:8089/locust".into(),
+            ..MasterConfig::default()
+        };
+        let s0 = shard_config(&cfg, 0).unwrap();
+        assert_eq!(
+            (s0.port, s0.web_url.as_str()),
+            (5557, "http://127.0.0.1:8089/locust")
+        );
+        let s2 = shard_config(&cfg, 2).unwrap();
+        assert_eq!(
+            (s2.port, s2.web_url.as_str()),
+            (5559, "http://127.0.0.1:8091/locust/2")
+        );
+        assert_eq!(shard_file(0, "master", "json"), "master.json");
+        assert_eq!(shard_file(2, "master", "log"), "master-2.log");
+        let high = MasterConfig { port: 65535, ..cfg };
+        let e = shard_config(&high, 1).unwrap_err().to_string();
+        assert!(e.contains("65535") && e.contains("fleet.toml"), "{e}");
     }
 
     #[tokio::test]
@@ -393,14 +729,14 @@ mod tests {
             state.path(),
         );
         let mut epochs = m.epoch();
-        assert_eq!(m.ensure(state.path().to_path_buf()).await.unwrap(), 1);
+        assert_eq!(m.ensure(state.path().to_path_buf()).await.unwrap(), [1]);
         epochs.borrow_and_update();
         // It exits at once; the first restart comes after a second.
         tokio::time::timeout(Duration::from_secs(5), epochs.changed())
             .await
             .expect("restarted")
             .unwrap();
-        assert_eq!(*epochs.borrow(), 2);
+        assert_eq!(*epochs.borrow(), [2]);
         assert!(m.view().restarts >= 1);
         m.stop().await;
         let saved: Saved =

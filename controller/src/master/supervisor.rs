@@ -36,7 +36,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often an adopted master (not our child, so not waitable) is looked up in /proc.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// The web port Locust uses when `master.web_url` names none.
-const DEFAULT_WEB_PORT: u16 = 8089;
+pub(super) const DEFAULT_WEB_PORT: u16 = 8089;
 
 /// What the [`super::Master`] handle asks of the supervisor.
 pub enum Cmd {
@@ -192,10 +192,12 @@ pub struct Supervisor {
     cfg: MasterConfig,
     locustfile: String,
     state_dir: PathBuf,
+    /// Which shard this master is (0 for a fleet of one).
+    index: u32,
     shared: Arc<Shared>,
-    /// The epoch the controller publishes; dropped with the supervisor, so the publisher
-    /// knows no restart will come any more.
-    epoch_tx: watch::Sender<u64>,
+    /// The epochs the controller publishes, one per shard (this one writes its own);
+    /// dropped with the supervisors, so the publisher knows no restart will come any more.
+    epoch_tx: Arc<watch::Sender<Vec<u64>>>,
     child: Option<Child>,
     pid: Option<u32>,
     started: Instant,
@@ -208,14 +210,16 @@ impl Supervisor {
         cfg: MasterConfig,
         locustfile: &str,
         state_dir: &Path,
+        index: u32,
         shared: Arc<Shared>,
-        epoch_tx: watch::Sender<u64>,
+        epoch_tx: Arc<watch::Sender<Vec<u64>>>,
         adopted: Option<u32>,
     ) -> Supervisor {
         Supervisor {
             cfg,
             locustfile: locustfile.to_string(),
             state_dir: state_dir.to_path_buf(),
+            index,
             shared,
             epoch_tx,
             child: None,
@@ -230,7 +234,8 @@ impl Supervisor {
     pub async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
         if let Some(p) = self.pid {
             log!(
-                "adopting the running Locust master (pid {p}, epoch {})",
+                "adopting the running {} (pid {p}, epoch {})",
+                self.label(),
                 self.shared.proc.borrow().epoch
             );
             self.shared.proc.send_modify(|s| s.pid = Some(p));
@@ -277,7 +282,10 @@ impl Supervisor {
                 return Ok(self.shared.proc.borrow().epoch);
             }
             Ensure::Restart => {
-                log!("user classes changed ({classes:?}): restarting the Locust master");
+                log!(
+                    "user classes changed ({classes:?}): restarting the {}",
+                    self.label()
+                );
                 self.stop().await;
                 self.shared.proc.send_modify(|s| s.restarts += 1);
             }
@@ -287,7 +295,8 @@ impl Supervisor {
         let epoch = self.launched(child, false, Some(classes));
         self.restart_at = None;
         log!(
-            "Locust master started (pid {}, epoch {epoch})",
+            "{} started (pid {}, epoch {epoch})",
+            self.label(),
             self.pid.unwrap_or(0)
         );
         Ok(epoch)
@@ -301,7 +310,10 @@ impl Supervisor {
         self.shared.proc.send_modify(|s| s.pid = None);
         self.shared.save();
         let delay = self.backoff.after_exit(self.started.elapsed());
-        log!("Locust master exited ({status}); restarting in {delay:?}");
+        log!(
+            "{} exited ({status}); restarting in {delay:?}",
+            self.label()
+        );
         self.restart_at = Some(tokio::time::Instant::now() + delay);
     }
 
@@ -311,7 +323,8 @@ impl Supervisor {
             Ok(child) => {
                 let epoch = self.launched(child, true, None);
                 log!(
-                    "Locust master restarted (pid {}, epoch {epoch})",
+                    "{} restarted (pid {}, epoch {epoch})",
+                    self.label(),
                     self.pid.unwrap_or(0)
                 );
             }
@@ -340,13 +353,18 @@ impl Supervisor {
             epoch = s.epoch;
         });
         self.shared.save();
-        self.epoch_tx.send_replace(epoch);
+        let i = self.index as usize;
+        self.epoch_tx.send_modify(|v| {
+            if let Some(e) = v.get_mut(i) {
+                *e = epoch;
+            }
+        });
         epoch
     }
 
     async fn stop(&mut self) {
         if let Some(p) = self.pid.take() {
-            log!("stopping the Locust master (pid {p})");
+            log!("stopping the {} (pid {p})", self.label());
             stop_group(p, self.child.as_mut()).await;
         }
         self.child = None;
@@ -354,8 +372,18 @@ impl Supervisor {
         self.shared.save();
     }
 
+    /// "Locust master", or "Locust master N" for shard N > 0, in log lines.
+    fn label(&self) -> String {
+        match self.index {
+            0 => "Locust master".to_string(),
+            k => format!("Locust master {k}"),
+        }
+    }
+
     fn spawn(&self, dir: &Path) -> Result<Child, MasterError> {
-        let log_path = self.state_dir.join("master.log");
+        let log_path = self
+            .state_dir
+            .join(super::shard_file(self.index, "master", "log"));
         let log_err = |source| MasterError::Log {
             path: log_path.clone(),
             source,
@@ -375,7 +403,13 @@ impl Supervisor {
         let (decision, user) =
             confine::who(self.cfg.confine, &self.cfg.user, confine::Powers::current())?;
         let fleet_dir = self.state_dir.parent().unwrap_or(&self.state_dir);
-        let workspace = confine::Workspace::for_fleet(fleet_dir);
+        let mut workspace = confine::Workspace::for_fleet(fleet_dir);
+        if self.index > 0 {
+            // Each shard its own workspace: a start empties its scratch and CSV directories.
+            let mut root = workspace.root.into_os_string();
+            root.push(format!("-{}", self.index));
+            workspace.root = root.into();
+        }
         let ws = workspace.prepare(dir, user)?;
         let inputs = confine::Inputs {
             decision,

@@ -390,6 +390,8 @@ mod tests {
             user_classes: vec![],
             web_url: String::new(),
             swarm: None,
+            shards: vec![],
+            capacity_warning: None,
         }
     }
 

@@ -238,6 +238,11 @@ impl Nodes {
         }
     }
 
+    /// How many nodes the backend listed as live the last time the CLI looked.
+    pub fn listed_count(&self) -> usize {
+        self.inner.lock().unwrap().listed.len()
+    }
+
     /// Replaces the backend's list of live nodes (at most `max_nodes` ids are kept).
     pub fn set_listed(&self, ids: Vec<String>) {
         let mut t = self.inner.lock().unwrap();
