@@ -55,7 +55,7 @@ def pct(values, p):
 class Fleet:
     """A fleet directory in a temp dir, `fleet serve` running on free ports."""
 
-    def __init__(self, managed_master=False, worker_command=None, workers=1, agent_settings=None, controller=None):
+    def __init__(self, managed_master=False, worker_command=None, workers=1, agent_settings=None, controller=None, extra_toml=""):
         self.tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
         self.dir = self.tmp.name
         self.port = free_port()
@@ -74,6 +74,7 @@ class Fleet:
         text += "\n[local.agent_settings]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         for k, v in (controller or {}).items():
             text = text.replace("[controller]\n", f"[controller]\n{k} = {json.dumps(v)}\n")
+        text += extra_toml
         open(cfg, "w").write(text)
         self.ctx = ssl.create_default_context(cafile=os.path.join(self.dir, "certs", "ca.pem"))
         self.token = open(os.path.join(self.dir, "secrets", "operator.token")).read().strip()
