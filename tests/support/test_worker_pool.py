@@ -69,6 +69,25 @@ class SimWorkerTest(unittest.TestCase):
             stats += out.count("stats")
         self.assertEqual((beats, stats), (30, 10))
 
+    def test_spread_phases_put_each_workers_beats_and_reports_at_its_own_offset(self):
+        phases = set()
+        for seed in range(50):
+            w = SimWorker("vm_" + "0" * 32, Traffic(1, 20, 0.01, 1), random.Random(seed), "2.47.0",
+                          spread_phases=True)
+            w.start(0.0)
+            w.receive("ack", {"index": seed}, 0.5)
+            self.assertTrue(0.5 <= w.hb_at < 1.5 and 0.5 <= w.stats_at < 3.5, (w.hb_at, w.stats_at))
+            phases.add(round(w.hb_at, 4))
+            t, beats, stats = 0.5, 0, 0  # the rates stay 1/s and 1/3 s
+            while t < 30.5:
+                t = round(t + 0.01, 2)
+                out = types(w.due(t))
+                beats += out.count("heartbeat")
+                stats += out.count("stats")
+            self.assertIn(beats, (29, 30))
+            self.assertIn(stats, (9, 10))
+        self.assertGreater(len(phases), 45, "lock-step: the phases are not spread")
+
     def test_heartbeat_state_and_usage_fields(self):
         w = worker()
         w.start(0.0)

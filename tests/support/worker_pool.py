@@ -68,8 +68,12 @@ class SimWorker:
     """One worker's protocol state. `start`, `receive` and `due` return the messages to send
     as (type, data) pairs; `next_due` is when `due` next has something to do."""
 
-    def __init__(self, node_id, traffic, rng, version, rps_per_user=1.0, user_class=USER_CLASS):
+    def __init__(self, node_id, traffic, rng, version, rps_per_user=1.0, user_class=USER_CLASS, spread_phases=False):
         self.node_id = node_id
+        # Real workers start over seconds, so their 1 s heartbeats and 3 s reports fall at
+        # random phases; a pool that connects all at once would beat in lock-step, which costs
+        # the master about three times less CPU and flatters it (docs/locust.md).
+        self.spread_phases = spread_phases
         self.traffic = traffic
         self.rng = rng
         self.version = version
@@ -124,6 +128,9 @@ class SimWorker:
                 self.retry_at = None
                 self.last_master_hb = now
                 self.hb_at = self.stats_at = self.logs_at = now
+                if self.spread_phases:
+                    self.hb_at = now + self.rng.random() * HEARTBEAT_INTERVAL
+                    self.stats_at = now + self.rng.random() * WORKER_REPORT_INTERVAL
                 self.cpu_at = now + CPU_MONITOR_INTERVAL
                 self.report_from = self.owed_at = now
             self.index = (data or {}).get("index")
@@ -241,7 +248,8 @@ class Pool:
         rng = random.Random(args.seed)
         host, version = socket.gethostname(), locust_version()
         self.workers = [
-            SimWorker(f"{host}_{rng.getrandbits(128):032x}", traffic, random.Random(rng.random()), version, args.rps_per_user)
+            SimWorker(f"{host}_{rng.getrandbits(128):032x}", traffic, random.Random(rng.random()), version, args.rps_per_user,
+                     spread_phases=args.phases == "spread")
             for _ in range(args.workers)
         ]
         self.sent = collections.Counter()
@@ -418,6 +426,8 @@ def parse_args(argv=None):
     ap.add_argument("--rps-per-user", type=float, default=1.0)
     ap.add_argument("--fail-ratio", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--phases", choices=["spread", "lockstep"], default="spread",
+                    help="heartbeat and report phases: random per worker (as workers started over time) or all at the ack")
     ap.add_argument("--connect-rate", type=float, default=0, help="workers connected per second (0: all at once)")
     a = ap.parse_args(argv)
     need = a.workers * 2 + 64

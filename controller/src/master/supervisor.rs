@@ -494,7 +494,7 @@ mod tests {
             cfg,
             "locustfile.py",
             Path::new("/spec"),
-            Path::new("/work/csv/run"),
+            Path::new("/ws/csv/run"),
         )
         .unwrap()
         .into_iter()
@@ -516,7 +516,7 @@ mod tests {
         let want = format!(
             "-f /spec/locustfile.py --master --master-bind-host {} --master-bind-port {} \
              --web-host 127.0.0.1 --web-port 8090 --enable-rebalancing --web-base-path /locust \
-             --csv /work/csv/run --csv-full-history --loglevel DEBUG",
+             --csv /ws/csv/run --csv-full-history --loglevel DEBUG",
             cfg.bind_host, cfg.port
         );
         assert_eq!(args(&cfg).join(" "), want);
