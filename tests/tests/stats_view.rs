@@ -80,13 +80,22 @@ async fn the_merged_view_of_one_master_is_its_own_and_fleet_run_writes_it() {
     let out = f.cli(&["scale", "--nodes", "2"]);
     assert!(out.status.success(), "{out:?}");
     f.wait_all_running(2, &sha, Duration::from_secs(30)).await;
+    // The master's start republishes the spec with its epoch, and the agents then swap their
+    // workers: wait until both run the current publication and the master counts them.
     wait_for(
-        "2 workers in the merged view",
+        "2 workers of the current publication in the merged view",
         Duration::from_secs(30),
         || async {
-            f.get_json("/api/stats")
-                .await
-                .filter(|s| s["worker_count"] == 2)
+            let current = f.spec().await?.current?;
+            let nodes = f.nodes().await;
+            let on_it = nodes.len() == 2
+                && nodes.iter().all(|n| {
+                    n.heartbeat.running.as_ref().is_some_and(|r| {
+                        (r.sequence, r.master_epoch) == (current.sequence, current.master_epoch)
+                    })
+                });
+            let stats = f.get_json("/api/stats").await?;
+            (on_it && stats["worker_count"] == 2).then_some(())
         },
     )
     .await;
