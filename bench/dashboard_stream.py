@@ -177,6 +177,13 @@ class FakeLocust(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         cls = FakeLocust
+        if self.path.endswith("/fleet/stats"):
+            # An external master has no fleet stats plugin: the controller then reads its
+            # /stats/requests, as here.
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if cls.moving:
             cls.polls += 1
         body = json.dumps({

@@ -14,6 +14,10 @@ pub mod routes {
     pub const API_STOP: &str = "/api/stop";
     pub const API_RELOAD: &str = "/api/reload";
     pub const API_MASTER: &str = "/api/master";
+    /// The test's stats, merged over its masters (`/stats/requests`' shape).
+    pub const API_STATS: &str = "/api/stats";
+    /// The same as Locust's `stats.csv`.
+    pub const API_STATS_CSV: &str = "/api/stats/csv";
     /// The spec editor's routes (docs/protocol.md, "Editing the spec").
     pub const API_SPEC_FILES: &str = "/api/spec/files";
     pub const API_SPEC_FILE: &str = "/api/spec/file";

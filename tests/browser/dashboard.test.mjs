@@ -49,6 +49,9 @@ const readDash = () => {
       users: q('#locust-users')?.textContent.trim() ?? null,
       rps: q('#locust-rps')?.textContent.trim() ?? null,
       fail: q('#locust-fail')?.textContent.trim() ?? null,
+      // The test's rows: [method, name, requests] per `tr`, the Aggregated row last.
+      rows: [...document.querySelectorAll('#locust-rows-body tr')].map((r) => [
+        r.dataset.method, r.dataset.name, Number(r.children[2]?.textContent ?? NaN)]),
     },
   };
 };
@@ -159,6 +162,14 @@ describe('fleet web UI in Chromium', { timeout: 240_000 }, () => {
       await waitFor(`#locust-users at ${USERS} and #locust-state running`, 20_000, async () => {
         const l = (await page.evaluate(readDash)).locust;
         return firstNumber(l.users) === USERS && /running/i.test(l.state ?? '');
+      });
+      // Its rows are the controller's merged view: the same endpoints and counts as
+      // /api/stats (read until both show the same, since both move with the test).
+      await waitFor('the page\'s rows to equal /api/stats', 15_000, async () => {
+        const mine = (await page.evaluate(readDash)).locust.rows;
+        const api_ = (await api('/api/stats')).json.stats.map((r) => [r.method, r.name, r.num_requests]);
+        return mine.length > 1 && mine.at(-1)[1] === 'Aggregated' && mine.at(-1)[2] > 0 &&
+          JSON.stringify(mine) === JSON.stringify(api_);
       });
       await page.waitForTimeout(300);
     } finally {

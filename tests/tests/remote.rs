@@ -191,6 +191,15 @@ async fn a_laptop_with_the_ca_and_the_token_steers_the_fleet() {
             .unwrap();
     assert_eq!(written, summary);
     assert!(results[0].join("report.html").exists());
+    // Its numbers are the controller's merged view (`GET /api/stats`, which Locust's own
+    // `/stats/requests` is not: it has no `masters`).
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(results[0].join("stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&stats["masters"], &summary["masters"]),
+        (&1.into(), &1.into())
+    );
     assert!(f.get_json("/api/master").await.unwrap()["swarm"].is_null());
 
     // The spec from the laptop: pull, edit, push (the agents run it), log, diff, rollback.

@@ -180,6 +180,50 @@ async fn three_shards_share_a_test_and_one_shards_crash_moves_nobody_else() {
         .collect();
     assert_eq!(shares, [4000, 4000, 4000]);
 
+    // One merged view of the test (`GET /api/stats`): every shard's workers and users, and its
+    // requests between two readings of the shards' own `/stats/requests` (traffic keeps going).
+    wait_for(
+        "the merged view of 3 shards",
+        Duration::from_secs(30),
+        || async {
+            let v = f.get_json("/api/stats").await?;
+            (v["masters"] == SHARDS && v["worker_count"] == 3 * WORKERS && v["user_count"] == USERS)
+                .then_some(v)
+        },
+    )
+    .await;
+    let total = |s: &serde_json::Value| -> u64 {
+        s["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "Aggregated")
+            .map(|r| r["num_requests"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    let mut sandwich = None;
+    for _ in 0..10 {
+        let mut before = 0;
+        for k in 0..SHARDS {
+            before += total(&shard_stats(&f, k).await.unwrap());
+        }
+        let merged = total(&f.get_json("/api/stats").await.unwrap());
+        let mut after = 0;
+        for k in 0..SHARDS {
+            after += total(&shard_stats(&f, k).await.unwrap());
+        }
+        if before > 0 {
+            sandwich = Some((before, merged, after));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (before, merged, after) = sandwich.expect("requests reported to the shards");
+    assert!(
+        before <= merged && merged <= after,
+        "merged requests {merged} not between the shards' sums {before} and {after}"
+    );
+
     // Kill shard 1's master: it is restarted in place (same ports) with a new epoch. Workers
     // never rejoin a new master (docs/locust.md); the agents on shard 1 (and only they, see
     // the agent's machine tests) restart theirs when the manifest shows its new epoch: here,

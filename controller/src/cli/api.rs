@@ -189,9 +189,29 @@ impl Api {
         }
     }
 
-    /// Locust's worker count (through the proxy).
+    /// The test's stats, merged over its masters: `GET /api/stats` (`/stats/requests`' shape),
+    /// or with `csv` `GET /api/stats/csv` (Locust's `stats.csv`). A controller older than
+    /// them answers 404: then Locust's own through the proxy, as before.
+    pub async fn test_stats(&self, csv: bool) -> Result<Response> {
+        let (path, before) = match csv {
+            false => (routes::API_STATS, "/locust/stats/requests"),
+            true => (routes::API_STATS_CSV, "/locust/stats/requests/csv"),
+        };
+        let r = self
+            .call(Method::GET, path, None, SMALL_LIMIT, TIMEOUT)
+            .await?;
+        match r.status {
+            200 => Ok(r),
+            404 => self.get(before, SMALL_LIMIT).await,
+            _ => Err(self.refused(&r, &format!("GET {path}"))),
+        }
+    }
+
+    /// The workers connected to the test's masters (`worker_count` of [`Api::test_stats`]).
     pub async fn worker_count(&self) -> Result<u64> {
-        let v: serde_json::Value = self.get_json("/locust/worker-count").await?;
+        let r = self.test_stats(false).await?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body)
+            .context("the test's stats are not the JSON expected")?;
         Ok(v["worker_count"].as_u64().unwrap_or(0))
     }
 

@@ -17,8 +17,9 @@
 //! across an await, so the stream ends with the connection: hyper drops the body when the
 //! client goes away (it notices EOF mid-response, or the next write fails).
 //!
-//! Locust's numbers come from [`crate::master::Master::stats`], which the swarm keeper polls
-//! once a second for the whole controller: clients of this stream never reach Locust.
+//! Locust's numbers come from [`crate::master::view::StatsView`], which reads every master's
+//! stats once a second for the whole controller and merges them: clients of this stream never
+//! reach Locust.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -37,7 +38,8 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::daemon::nodes::overview::NodeSummary;
 use crate::daemon::nodes::standing::Current;
 use crate::daemon::router::{AppState, Shared};
-use crate::master::Stats;
+use crate::master::merge::{ErrorRow, Report, Row};
+use crate::master::view;
 
 /// The route.
 pub const ROUTE: &str = "/api/events";
@@ -50,7 +52,14 @@ pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 /// The reconnection delay the first event asks browsers for (the SSE `retry` field), in ms.
 pub const RETRY_MS: u64 = 2000;
 
-/// Locust's live totals, as last polled by the swarm keeper.
+/// The most endpoint rows the stream carries, in Locust's order (its own page shows 500);
+/// `GET /api/stats` has them all.
+pub const MAX_ROWS: usize = 100;
+/// The most error rows the stream carries, the most frequent first.
+pub const MAX_ERRORS: usize = 20;
+
+/// The test's numbers, merged over its masters ([`crate::master::view`]): Locust's live
+/// totals (the first five fields, as before the merged view) and its rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocustView {
     pub state: String,
@@ -58,20 +67,71 @@ pub struct LocustView {
     pub worker_count: u64,
     pub total_rps: f64,
     pub fail_ratio: f64,
+    pub current_rps: f64,
+    pub current_fail_per_sec: f64,
+    /// How many masters the numbers come from.
+    pub masters: usize,
+    /// From the masters' histograms (fleet's stats plugin), merged exactly; false for a master
+    /// without the plugin, whose own `/stats/requests` it is.
+    pub exact: bool,
+    /// Endpoint rows in Locust's order (at most [`MAX_ROWS`]), then the `Aggregated` row; the
+    /// keys of Locust's `/stats/requests` rows.
+    pub stats: Vec<Row>,
+    /// How many endpoints the test has (rows beyond [`MAX_ROWS`] are left out).
+    pub endpoints: usize,
+    /// Errors, the most frequent first (at most [`MAX_ERRORS`]).
+    pub errors: Vec<ErrorRow>,
+    /// How many distinct errors there are.
+    pub error_kinds: usize,
 }
 
-impl From<&Stats> for LocustView {
-    fn from(s: &Stats) -> LocustView {
+impl LocustView {
+    pub fn new(r: &Report, exact: bool) -> LocustView {
+        // Both Locust and the merge put the Aggregated row last.
+        let (rows, total) = match r.stats.split_last() {
+            Some((t, rows)) if t.name == "Aggregated" && t.method.is_empty() => (rows, Some(t)),
+            _ => (&r.stats[..], None),
+        };
+        let endpoints = rows.len();
+        let stats: Vec<Row> = rows.iter().take(MAX_ROWS).chain(total).cloned().collect();
+        let mut errors = r.errors.clone();
+        errors.sort_by_key(|e| std::cmp::Reverse(e.occurrences));
+        errors.truncate(MAX_ERRORS);
         LocustView {
-            state: s.state.clone(),
-            user_count: s.user_count,
-            worker_count: s.worker_count,
+            state: r.state.clone(),
+            user_count: r.user_count,
+            worker_count: r.worker_count,
             // JSON has no NaN or infinity: serde_json would write null, which the page
             // would then have to guard against.
-            total_rps: finite(s.total_rps),
-            fail_ratio: finite(s.fail_ratio),
+            total_rps: finite(r.total_rps),
+            fail_ratio: finite(r.fail_ratio),
+            current_rps: finite(r.current_rps),
+            current_fail_per_sec: finite(r.current_fail_per_sec),
+            masters: r.masters,
+            exact,
+            stats: stats.into_iter().map(finite_row).collect(),
+            endpoints,
+            errors,
+            error_kinds: r.errors.len(),
         }
     }
+}
+
+fn finite_row(mut r: Row) -> Row {
+    for x in [
+        &mut r.min_response_time,
+        &mut r.max_response_time,
+        &mut r.current_rps,
+        &mut r.current_fail_per_sec,
+        &mut r.avg_response_time,
+        &mut r.median_response_time,
+        &mut r.total_rps,
+        &mut r.total_fail_per_sec,
+        &mut r.avg_content_length,
+    ] {
+        *x = finite(*x);
+    }
+    r
 }
 
 fn finite(x: f64) -> f64 {
@@ -91,7 +151,7 @@ pub struct Parts {
     pub nodes: NodeSummary,
     /// As `GET /api/master`.
     pub master: MasterView,
-    /// Locust's live totals; null before the first poll and while a managed master is down.
+    /// The test's numbers; null before the first read and while a managed master is down.
     pub locust: Option<LocustView>,
 }
 
@@ -100,12 +160,12 @@ pub fn build(
     spec: SpecView,
     nodes: NodeSummary,
     master: MasterView,
-    stats: Option<&Stats>,
+    view: Option<&view::Current>,
 ) -> Parts {
-    // A managed master that does not run has no live numbers: the last ones polled are stale.
-    let locust = stats
+    // A managed master that does not run has no live numbers: the last ones read are stale.
+    let locust = view
         .filter(|_| !master.managed || master.pid.is_some())
-        .map(LocustView::from);
+        .map(|v| LocustView::new(&v.report(), v.exact()));
     Parts {
         spec,
         nodes,
@@ -131,8 +191,8 @@ pub fn parts(st: &AppState) -> Parts {
     let nodes = summary_for(st, &spec);
     let mut master = st.master.view();
     master.capacity_warning = st.master.capacity_warning(st.nodes.listed_count());
-    let stats = st.master.stats();
-    build(spec, nodes, master, stats.as_ref())
+    let view = st.stats.latest();
+    build(spec, nodes, master, view.as_deref())
 }
 
 /// What one stream has sent: the JSON of each part as last sent. Node rows are not part of
@@ -361,14 +421,48 @@ mod tests {
         }
     }
 
-    fn stats() -> Stats {
-        Stats {
+    fn row(method: &str, name: &str, n: u64) -> Row {
+        Row {
+            method: method.into(),
+            name: name.into(),
+            num_requests: n,
+            num_failures: 0,
+            min_response_time: 1.0,
+            max_response_time: 9.0,
+            current_rps: 1.0,
+            current_fail_per_sec: 0.0,
+            avg_response_time: 2.5,
+            median_response_time: 2.0,
+            total_rps: 1.0,
+            total_fail_per_sec: 0.0,
+            p95: 8,
+            p99: 9,
+            avg_content_length: 100.0,
+        }
+    }
+
+    fn report(endpoints: usize) -> Report {
+        let mut stats: Vec<Row> = (0..endpoints)
+            .map(|i| row("GET", &format!("/e{i:03}"), 1))
+            .collect();
+        stats.push(row("", "Aggregated", endpoints as u64));
+        Report {
+            stats,
+            errors: vec![],
+            current_rps: 40.0,
+            current_fail_per_sec: 0.5,
+            total_rps: 41.5,
+            total_fail_per_sec: 0.5,
+            fail_ratio: 0.25,
             state: "running".into(),
             user_count: 10,
             worker_count: 3,
-            total_rps: 41.5,
-            fail_ratio: 0.25,
+            masters: 1,
         }
+    }
+
+    fn stats() -> view::Current {
+        view::Current::Requests(report(2))
     }
 
     /// The events of a chunk: (name, JSON).
@@ -422,17 +516,56 @@ mod tests {
         );
         assert!(ext.locust.is_some());
         // No NaN on the wire.
-        let nan = Stats {
-            fail_ratio: f64::NAN,
-            ..stats()
-        };
+        let mut nan = report(1);
+        nan.fail_ratio = f64::NAN;
+        nan.stats[0].avg_response_time = f64::INFINITY;
         let p = build(
             spec(None),
             summary(0, TWO, 0),
             master(false, None),
-            Some(&nan),
+            Some(&view::Current::Requests(nan)),
         );
-        assert_eq!(p.locust.unwrap().fail_ratio, 0.0);
+        let l = p.locust.unwrap();
+        assert_eq!((l.fail_ratio, l.stats[0].avg_response_time), (0.0, 0.0));
+    }
+
+    #[test]
+    fn the_locust_part_carries_the_rows_up_to_a_limit_and_the_aggregated_row_always() {
+        let mut r = report(MAX_ROWS + 5);
+        let err = |name: &str, n| ErrorRow {
+            method: "GET".into(),
+            name: name.into(),
+            error: "500".into(),
+            occurrences: n,
+            first_seen: None,
+            last_seen: None,
+        };
+        r.errors = (0..MAX_ERRORS as u64 + 3)
+            .map(|n| err(&format!("/x{n}"), n))
+            .collect();
+        let l = LocustView::new(&r, true);
+        assert_eq!((l.endpoints, l.stats.len()), (MAX_ROWS + 5, MAX_ROWS + 1));
+        assert_eq!(l.stats[0].name, "/e000");
+        assert_eq!(l.stats.last().unwrap().name, "Aggregated");
+        assert_eq!(l.stats.last().unwrap().num_requests, MAX_ROWS as u64 + 5);
+        assert_eq!(
+            (l.errors.len(), l.error_kinds),
+            (MAX_ERRORS, MAX_ERRORS + 3)
+        );
+        assert_eq!(
+            l.errors[0].occurrences,
+            MAX_ERRORS as u64 + 2,
+            "most frequent first"
+        );
+        assert!(l.exact && l.masters == 1);
+        // The wire keeps Locust's row keys, and the totals the page read before.
+        let json = serde_json::to_value(&l).unwrap();
+        assert_eq!(json["stats"][0]["response_time_percentile_0.95"], 8);
+        assert_eq!(json["total_rps"], 41.5);
+        assert_eq!(json["current_rps"], 40.0);
+        // Without an Aggregated row (no such Locust answer, but no panic either).
+        r.stats.pop();
+        assert_eq!(LocustView::new(&r, false).endpoints, MAX_ROWS + 5);
     }
 
     #[test]
@@ -448,6 +581,7 @@ mod tests {
         assert_eq!(names(&first), ["spec", "nodes", "master", "locust"]);
         // The wire shape the dashboard reads.
         let ev: BTreeMap<String, serde_json::Value> = events(&first).into_iter().collect();
+        assert_eq!(ev["locust"]["stats"][2]["name"], "Aggregated");
         assert_eq!(ev["spec"]["current"]["sha256"], TWO);
         assert_eq!(ev["spec"]["history"][1]["sha256"], ONE);
         assert_eq!(ev["nodes"]["total"], 2);
@@ -461,11 +595,12 @@ mod tests {
 
         // Nothing changed: nothing to send.
         assert_eq!(sent.diff(&p), "");
-        // Locust's totals move every second under load: only they go out.
+        // Locust's numbers move every second under load: only they go out (about 330 bytes
+        // a row, here two endpoints and the Aggregated row).
         p.locust.as_mut().unwrap().total_rps = 50.0;
         let only = sent.diff(&p);
         assert_eq!(names(&only), ["locust"]);
-        assert!(only.len() < 200, "{only}");
+        assert!(only.len() < 1300, "{} bytes: {only}", only.len());
         // A node row changed: the (small) summary goes out, no row.
         p.nodes.version = 2;
         assert_eq!(names(&sent.diff(&p)), ["nodes"]);
@@ -610,7 +745,8 @@ mod tests {
             .unwrap();
     }
 
-    /// A stand-in for Locust's web UI: answers every request with `stats` JSON.
+    /// A stand-in for Locust's web UI without fleet's plugin: answers every request with
+    /// `stats` JSON, and the plugin's route with 404.
     async fn fake_locust(body: &'static str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -628,8 +764,14 @@ mod tests {
                             Ok(n) => req.extend_from_slice(&buf[..n]),
                         }
                     }
+                    let plugin =
+                        String::from_utf8_lossy(&req).starts_with("GET /locust/fleet/stats ");
+                    let (status, body) = match plugin {
+                        true => ("404 NOT FOUND", ""),
+                        false => ("200 OK", body),
+                    };
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
                     );
                     let _ = tcp.write_all(resp.as_bytes()).await;
@@ -698,7 +840,9 @@ mod tests {
                 Limits::default(),
             )
             .0,
+            stats: view::StatsView::default(),
         };
+        tokio::spawn(st.stats.clone().run(st.master.clone()));
         let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
         let now = std::time::Instant::now();
         for (id, running) in [
@@ -725,7 +869,8 @@ mod tests {
         assert_eq!(p.nodes, node_summary(&st));
         assert!(!p.master.managed);
 
-        // Locust's totals arrive with the swarm keeper's next poll (once a second).
+        // Locust's totals arrive with the stats view's next read (once a second): this master
+        // has no plugin, so they are its own /stats/requests.
         let t = std::time::Instant::now();
         let locust = loop {
             if let Some(l) = parts(&st).locust {
@@ -735,15 +880,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(
-            locust,
-            LocustView {
-                state: "running".into(),
-                user_count: 4,
-                worker_count: 2,
-                total_rps: 12.5,
-                fail_ratio: 0.5,
-            }
+            (
+                locust.state.as_str(),
+                locust.user_count,
+                locust.worker_count
+            ),
+            ("running", 4, 2)
         );
+        assert_eq!((locust.total_rps, locust.fail_ratio), (12.5, 0.5));
+        assert_eq!((locust.masters, locust.exact), (1, false));
 
         // No secret of the state in the events.
         let ev = Sent::default().diff(&parts(&st));

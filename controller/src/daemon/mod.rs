@@ -64,6 +64,8 @@ use tasks::Tasks;
 const SERVER: &str = "TLS server loop";
 /// The spec Steward's task name.
 const STEWARD: &str = "spec steward";
+/// The task that reads the test's stats once a second for the event stream.
+const STATS_VIEW: &str = "stats view";
 /// How long `stop` waits for open connections to close gracefully.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -212,6 +214,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     };
     let (spec, requests) =
         spec::Handle::new(spec_dir.clone(), cfg.controller.locustfile.clone(), limits);
+    let stats = crate::master::view::StatsView::default();
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
         nodes: Arc::new(Nodes::new(cfg.controller.node_limits())),
@@ -220,6 +223,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         reload: Arc::new(move || reloader.reload()),
         name: cfg.name.clone(),
         spec,
+        stats: stats.clone(),
     });
     let (watcher, edits) = watch_spec(&spec_dir)?;
     let steward = Steward {
@@ -235,6 +239,7 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let mut tasks = Tasks::default();
     let debounce = Duration::from_millis(cfg.controller.debounce_ms);
     tasks.spawn(STEWARD, steward.run(edits, requests, debounce));
+    tasks.spawn(STATS_VIEW, stats.run(state.master.clone()));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let router = app(state.clone());
     tasks.spawn(

@@ -76,6 +76,37 @@ pub(super) async fn api_master(State(st): State<Shared>) -> Response {
     Json(view).into_response()
 }
 
+/// The test's stats now, merged over its masters, in the shape of Locust's `/stats/requests`
+/// (`master/view.rs`); `502` with the reason when a master cannot be read.
+pub(super) async fn api_stats(State(st): State<Shared>) -> Response {
+    match st.master.merged_stats().await {
+        Ok(view) => {
+            let mut resp = Json(view.report()).into_response();
+            let exact = if view.exact() { "merged" } else { "locust" };
+            resp.headers_mut()
+                .insert("x-fleet-stats", HeaderValue::from_static(exact));
+            no_store(resp)
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+/// The same numbers as Locust's `stats.csv`.
+pub(super) async fn api_stats_csv(State(st): State<Shared>) -> Response {
+    match st.master.merged_stats_csv().await {
+        Ok(csv) => {
+            no_store(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+fn no_store(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 /// The dashboard's live feed: a Server-Sent Events stream of snapshots (`events.rs`).
 pub(super) async fn api_events(State(st): State<Shared>) -> Response {
     crate::daemon::events::response(st)

@@ -34,6 +34,8 @@ pub(crate) struct AppState {
     pub name: String,
     /// The spec editor's way to the Steward.
     pub spec: crate::daemon::spec::Handle,
+    /// The test's stats as last read, for the event stream.
+    pub stats: crate::master::view::StatsView,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -90,6 +92,8 @@ pub(super) fn app(state: Shared) -> Router {
         )
         .route(routes::API_SPEC_ROLLBACK, post(spec::rollback))
         .route(routes::API_MASTER, get(operator_routes::api_master))
+        .route(routes::API_STATS, get(operator_routes::api_stats))
+        .route(routes::API_STATS_CSV, get(operator_routes::api_stats_csv))
         .route(
             crate::daemon::events::ROUTE,
             get(operator_routes::api_events),

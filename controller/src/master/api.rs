@@ -163,6 +163,31 @@ impl LocustApi {
         Ok(Snapshot::from_json(&body)?)
     }
 
+    /// `GET /stats/requests` in the merged view's shape: the view of a master without the
+    /// plugin ([`super::view`]).
+    pub async fn report(&self) -> Result<super::merge::Report, ApiError> {
+        let call = "GET /stats/requests";
+        let (status, body) = self
+            .call(call, hyper::Method::GET, "/stats/requests", None)
+            .await?;
+        if status != 200 {
+            return Err(ApiError::Status { call, status });
+        }
+        super::view::report_from_requests(&body).map_err(|source| ApiError::Body { call, source })
+    }
+
+    /// `GET /stats/requests/csv`: Locust's own `stats.csv`.
+    pub async fn requests_csv(&self) -> Result<String, ApiError> {
+        let call = "GET /stats/requests/csv";
+        let (status, body) = self
+            .call(call, hyper::Method::GET, "/stats/requests/csv", None)
+            .await?;
+        if status != 200 {
+            return Err(ApiError::Status { call, status });
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// Starts (or re-sizes) the test. Locust answers errors as HTTP 200 with `success: false`.
     pub async fn swarm(&self, s: &SwarmRequest) -> Result<(), ApiError> {
         let call = "POST /swarm";

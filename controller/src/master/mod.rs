@@ -24,6 +24,7 @@ mod keeper;
 pub mod merge;
 pub mod plugin;
 mod supervisor;
+pub mod view;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -457,6 +458,24 @@ impl Master {
             .iter()
             .map(|s| s.shared.stats.borrow().clone())
             .collect()
+    }
+
+    /// The web APIs of the masters that carry the test, one per shard in shard order. Everything
+    /// that shows the test's numbers reads them through [`Master::merged_stats`], so this is
+    /// the one place that says which masters there are.
+    pub fn shard_apis(&self) -> Vec<LocustApi> {
+        self.shards.iter().map(|s| s.api.clone()).collect()
+    }
+
+    /// The test's stats now: every master's snapshot merged exactly, or the only master's own
+    /// `/stats/requests` when it has no stats plugin ([`view`]).
+    pub async fn merged_stats(&self) -> Result<view::Current, view::ViewError> {
+        view::read(&self.shard_apis()).await
+    }
+
+    /// The test's stats now as Locust's `stats.csv` ([`view::read_csv`]).
+    pub async fn merged_stats_csv(&self) -> Result<String, view::ViewError> {
+        view::read_csv(&self.shard_apis()).await
     }
 
     /// Records the test the operator started, so it is re-started after a master restart.

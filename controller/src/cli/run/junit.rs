@@ -120,6 +120,8 @@ mod tests {
             avg: Some(2.5),
             min: Some(1.0),
             max: Some(9.0),
+            avg_size: None,
+            fail_rate: 0.0,
             percentiles: vec![("95".into(), Some(5.0))],
         };
         let t: Vec<Threshold> = thresholds

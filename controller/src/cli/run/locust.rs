@@ -139,10 +139,14 @@ pub(super) struct Endpoint {
     pub(super) requests: u64,
     pub(super) failures: u64,
     pub(super) rps: f64,
+    /// `Failures/s`.
+    pub(super) fail_rate: f64,
     pub(super) median: Option<f64>,
     pub(super) avg: Option<f64>,
     pub(super) min: Option<f64>,
     pub(super) max: Option<f64>,
+    /// `Average Content Size`, in bytes.
+    pub(super) avg_size: Option<f64>,
     /// The percentile columns by number: `("95", Some(500.0))` from the `95%` column.
     pub(super) percentiles: Vec<(String, Option<f64>)>,
 }
@@ -233,10 +237,12 @@ pub(super) fn endpoints(csv: &str) -> Result<Vec<Endpoint>> {
             requests: number(&r, col("Request Count")).unwrap_or(0.0) as u64,
             failures: number(&r, col("Failure Count")).unwrap_or(0.0) as u64,
             rps: number(&r, col("Requests/s")).unwrap_or(0.0),
+            fail_rate: number(&r, col("Failures/s")).unwrap_or(0.0),
             median: number(&r, col("Median Response Time")),
             avg: number(&r, col("Average Response Time")),
             min: number(&r, col("Min Response Time")),
             max: number(&r, col("Max Response Time")),
+            avg_size: number(&r, col("Average Content Size")),
             percentiles: percentiles
                 .iter()
                 .map(|(p, i)| (p.clone(), number(&r, Some(*i))))

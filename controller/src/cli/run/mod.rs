@@ -19,6 +19,7 @@
 //! With `--junit FILE` the thresholds' verdicts are also written as JUnit XML after every run;
 //! a broken threshold makes the command fail with [`THRESHOLDS_FAILED`]. See docs/run.md.
 
+mod html;
 mod junit;
 mod locust;
 mod report;
@@ -515,6 +516,8 @@ mod tests {
             avg: None,
             min: None,
             max: None,
+            avg_size: None,
+            fail_rate: 0.0,
             percentiles: vec![],
         };
         let t = Threshold::parse_all(&["failures>0".into(), "rps<100".into()]).unwrap();

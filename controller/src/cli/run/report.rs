@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::threshold::Verdict;
 use super::RunPlan;
+use crate::master::merge::ErrorRow;
 
 /// What `summary.json` holds for one run. The load numbers are copied from the `Aggregated`
-/// row of `stats.json` (see docs/run.md for the exact keys).
+/// row of `stats.json`, the test's stats merged over its masters (see docs/run.md for the
+/// exact keys).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub users: u64,
@@ -22,6 +24,9 @@ pub struct Summary {
     pub nodes: usize,
     /// `worker_count` of `stats.json`.
     pub workers: u64,
+    /// The Locust masters whose numbers were merged (`masters` of `stats.json`).
+    #[serde(default = "one")]
+    pub masters: usize,
     /// Aggregated `num_requests`.
     pub requests: u64,
     /// Aggregated `num_failures`.
@@ -55,6 +60,10 @@ pub struct Summary {
     /// The verdict of each threshold (`--fail-on`, `[run] fail_on`), judged on `stats.csv`.
     #[serde(default)]
     pub thresholds: Vec<Verdict>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Summary {
@@ -91,6 +100,7 @@ pub(super) fn summary_md(s: &Summary) -> String {
         ("duration (s)", num(s.duration_s)),
         ("nodes", s.nodes.to_string()),
         ("workers", s.workers.to_string()),
+        ("Locust masters", s.masters.to_string()),
         ("requests", s.requests.to_string()),
         ("failures", s.failures.to_string()),
         ("RPS", format!("{:.2}", s.rps)),
@@ -115,20 +125,29 @@ pub(super) fn summary_md(s: &Summary) -> String {
         let _ = writeln!(m, "| {k} | {v} |");
     }
     m.push_str(
-        "\nThe load numbers are the `Aggregated` row of Locust's `/stats/requests` (saved as \
-         `stats.json`), taken at the end of the run before the test was stopped: `num_requests`, \
-         `num_failures`, `total_rps`, `median_response_time` (p50), \
+        "\nThe load numbers are the `Aggregated` row of the test's stats (saved as `stats.json`: \
+         the controller's `/api/stats`, every Locust master's numbers merged exactly, in the \
+         shape of Locust's `/stats/requests`), taken at the end of the run before the test was \
+         stopped: `num_requests`, `num_failures`, `total_rps`, `median_response_time` (p50), \
          `response_time_percentile_0.95` and `response_time_percentile_0.99`. Workers is its \
-         `worker_count`; nodes are the agents heartbeating in `/api/nodes`.\n\n\
-         Files: `stats.csv`, `failures.csv`, `exceptions.csv` (Locust's CSVs after the stop), \
-         `stats_history.csv` (Locust's full history cut to this run), `report.html` (Locust's \
-         HTML report), `stats.json`, `summary.json`.\n",
+         `worker_count`; nodes are the agents heartbeating in `/api/nodes`.\n\n",
     );
+    m.push_str(if s.masters > 1 {
+        "Files: `stats.csv` (the merged stats after the stop, in Locust's columns), \
+         `failures.csv` (the merged errors), `report.html` (fleet's summary of the merged \
+         test), `stats.json`, `summary.json`; Locust keeps the stats history and exceptions \
+         per master, in each master's own UI.\n"
+    } else {
+        "Files: `stats.csv` (the merged stats after the stop, in Locust's columns), \
+         `failures.csv`, `exceptions.csv` (Locust's CSVs after the stop), `stats_history.csv` \
+         (Locust's full history cut to this run), `report.html` (Locust's HTML report), \
+         `stats.json`, `summary.json`.\n"
+    });
     if !s.thresholds.is_empty() {
         let failed = s.broken().count();
         let _ = writeln!(
             m,
-            "\n## Thresholds: {}\n\n{} of {} passed, judged on `stats.csv` (Locust's numbers after the stop).\n",
+            "\n## Thresholds: {}\n\n{} of {} passed, judged on `stats.csv` (the test's numbers after the stop).\n",
             if failed == 0 { "passed" } else { "FAILED" },
             s.thresholds.len() - failed,
             s.thresholds.len()
@@ -263,6 +282,56 @@ pub(super) fn matrix_md(plan: &RunPlan, runs: &[Summary]) -> String {
     m
 }
 
+/// The header of Locust's `exceptions.csv`.
+pub(super) const EXCEPTIONS_HEADER: &str = "Count,Message,Traceback,Nodes\r\n";
+
+/// Why a test over several masters has no `stats_history.csv` and no exceptions.
+pub(super) fn several_masters_note(masters: usize) -> String {
+    format!(
+        "the test ran on {masters} Locust masters: Locust keeps the full stats history and the exceptions per master (see each master's UI under /locust/); stats.csv, failures.csv, stats.json and report.html are the merged test"
+    )
+}
+
+/// A field as Python's `csv` module writes it (minimal quoting).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Unix seconds as Locust's `failures.csv` writes them (`format_utc_timestamp`).
+fn utc(t: Option<f64>) -> String {
+    t.filter(|t| t.is_finite() && *t >= 0.0)
+        .map(|t| {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(t as u64);
+            humantime::format_rfc3339_seconds(at).to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The merged errors as Locust's `failures.csv` (its columns; sorted by method, name and
+/// error, where Locust sorts by a hash of them).
+pub(super) fn failures_csv(errors: &[ErrorRow]) -> String {
+    let mut rows: Vec<&ErrorRow> = errors.iter().collect();
+    rows.sort_by(|a, b| (&a.method, &a.name, &a.error).cmp(&(&b.method, &b.name, &b.error)));
+    let mut s = String::from("Method,Name,Error,Occurrences,First Seen,Last Seen\r\n");
+    for e in rows {
+        let _ = write!(
+            s,
+            "{},{},{},{},{},{}\r\n",
+            csv_field(&e.method),
+            csv_field(&e.name),
+            csv_field(&e.error),
+            e.occurrences,
+            utc(e.first_seen),
+            utc(e.last_seen)
+        );
+    }
+    s
+}
+
 pub(super) fn run_dir_name(nodes: usize, users: u64) -> String {
     format!("nodes-{nodes}-users-{users}")
 }
@@ -284,6 +353,7 @@ pub(super) mod tests {
             duration_s: 8.0,
             nodes: 2,
             workers: 2,
+            masters: 1,
             requests: 88,
             failures: 43,
             rps: 20.29351370704754,
@@ -325,6 +395,34 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn merged_errors_are_written_in_locusts_failures_csv_columns() {
+        let err = |name: &str, error: &str, n, first| ErrorRow {
+            method: "GET".into(),
+            name: name.into(),
+            error: error.into(),
+            occurrences: n,
+            first_seen: first,
+            last_seen: first.map(|t| t + 61.0),
+        };
+        let csv = failures_csv(&[
+            err("/b", "HTTPError('500, \"x\"')", 3, Some(1_795_567_370.7)),
+            err("/a", "500", 1, None),
+        ]);
+        assert_eq!(
+            csv,
+            "Method,Name,Error,Occurrences,First Seen,Last Seen\r\n\
+             GET,/a,500,1,,\r\n\
+             GET,/b,\"HTTPError('500, \"\"x\"\"')\",3,2026-11-25T00:42:50Z,2026-11-25T00:43:51Z\r\n"
+        );
+        let mut s = summary();
+        s.masters = 2;
+        let md = summary_md(&s);
+        assert!(md.contains("| Locust masters | 2 |"), "{md}");
+        assert!(md.contains("fleet's summary of the merged test"), "{md}");
+        assert!(several_masters_note(2).starts_with("the test ran on 2 Locust masters"));
+    }
+
+    #[test]
     fn thresholds_show_in_every_table() {
         use crate::cli::run::locust::{Endpoint, AGGREGATED};
         use crate::cli::run::threshold::{evaluate, Threshold};
@@ -339,6 +437,8 @@ pub(super) mod tests {
             avg: None,
             min: None,
             max: None,
+            avg_size: None,
+            fail_rate: 0.0,
             percentiles: vec![("95".into(), Some(5.0))],
         };
         let t = Threshold::parse_all(&["p95>500ms".into(), "rps<100".into()]).unwrap();

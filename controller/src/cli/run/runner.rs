@@ -9,19 +9,25 @@ use fleet_common::client::Response;
 use fleet_common::wire::{routes, MasterView, NodeView, SpecView, SwarmRequest, WorkerState};
 use hyper::Method;
 
+use super::html::report_html;
 use super::locust::{
     aggregated, csv_requests, endpoints, history_window, live_message, server_time, Aggregated,
     Live,
 };
-use super::report::{summary_md, write, Summary};
+use super::report::{
+    failures_csv, several_masters_note, summary_md, write, Summary, EXCEPTIONS_HEADER,
+};
 use super::threshold::evaluate;
 use super::RunPlan;
 use crate::cli::api::{Api, SMALL_LIMIT, TIMEOUT};
 use crate::cli::render::{self, Output};
 use crate::config::Fleet;
 use crate::daemon::SILENT_AFTER_S;
+use crate::master::merge::Report;
+use crate::master::view::report_from_requests;
 
-/// How often the live progress reads `/locust/stats/requests` (its cache time anyway).
+/// How often the live progress reads the test's stats (Locust's cache time of
+/// `/stats/requests`).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How often the progress bar moves between two reads.
 const TICK: Duration = Duration::from_millis(250);
@@ -58,6 +64,8 @@ fn workers_reported(views: &[NodeView]) -> u64 {
 
 /// What the end of a run fetched, before the summary is made of it.
 struct End {
+    /// The test's numbers (`stats.json`).
+    report: Report,
     live: Live,
     agg: Aggregated,
     views: Vec<NodeView>,
@@ -136,6 +144,7 @@ impl Runner<'_> {
             spawn_rate: plan.spawn_rate,
             duration_s: plan.duration.as_secs_f64(),
             nodes: fresh(&end.views).count(),
+            masters: end.report.masters,
             workers: end.live.worker_count,
             requests: end.agg.num_requests,
             failures: end.agg.num_failures,
@@ -159,6 +168,13 @@ impl Runner<'_> {
         };
         write(dir, "summary.json", serde_json::to_vec_pretty(&summary)?)?;
         write(dir, "summary.md", summary_md(&summary))?;
+        if end.report.masters > 1 {
+            write(
+                dir,
+                "report.html",
+                report_html(&summary, &end.report, &rows),
+            )?;
+        }
         end.stop?;
         for w in &summary.warnings {
             self.say(format_args!("warning: {w}"));
@@ -226,7 +242,7 @@ impl Runner<'_> {
         while t0.elapsed() < duration {
             if Instant::now() >= next_read {
                 next_read = Instant::now() + PROGRESS_EVERY;
-                match self.api.get("/locust/stats/requests", SMALL_LIMIT).await {
+                match self.api.test_stats(false).await {
                     Ok(r) => match serde_json::from_slice::<Live>(&r.body) {
                         Ok(l) => pb.set_message(live_message(&l, users)),
                         Err(_) => pb.set_message("stats unreadable"),
@@ -241,10 +257,11 @@ impl Runner<'_> {
         pb.finish_and_clear();
     }
 
-    /// Takes the numbers once, before the stop (the same bytes are saved as stats.json), the
-    /// nodes, the spec and the master; stops the test; then collects Locust's files.
+    /// Takes the test's numbers once, merged over its masters, before the stop (the same bytes
+    /// are saved as stats.json), the nodes, the spec and the master; stops the test; then
+    /// collects the files.
     async fn end(&self, dir: &Path, from: u64) -> Result<End> {
-        let stats_body = match self.api.get("/locust/stats/requests", SMALL_LIMIT).await {
+        let stats_body = match self.api.test_stats(false).await {
             Ok(r) => r.body,
             Err(e) => {
                 let _ = self.api.stop().await;
@@ -253,9 +270,13 @@ impl Runner<'_> {
         };
         write(dir, "stats.json", &stats_body)?;
         let stats: serde_json::Value =
-            serde_json::from_slice(&stats_body).context("Locust's /stats/requests is not JSON")?;
+            serde_json::from_slice(&stats_body).context("the test's stats are not JSON")?;
         let live: Live = serde_json::from_value(stats.clone()).unwrap_or_default();
         let agg = aggregated(&stats);
+        let mut report =
+            report_from_requests(&stats_body).context("the test's stats are not JSON")?;
+        // Locust's own answer (a controller older than /api/stats) is one master's.
+        report.masters = stats["masters"].as_u64().unwrap_or(1) as usize;
         let views = self.api.nodes().await;
         let spec: Result<SpecView> = self.api.get_json(routes::API_SPEC).await;
         let master: Result<MasterView> = self.api.get_json(routes::API_MASTER).await;
@@ -269,8 +290,9 @@ impl Runner<'_> {
         let (agg, views, spec, master) = (agg?, views?, spec?, master?);
         // Locust's files, after the stop so they hold the whole run. (The controller holds
         // the stop itself: it does not take Locust's cached "running" for a test to restore.)
-        let history = self.collect(dir, from, to).await?;
+        let history = self.collect(dir, from, to, &report).await?;
         Ok(End {
+            report,
             live,
             agg,
             views,
@@ -282,10 +304,29 @@ impl Runner<'_> {
         })
     }
 
-    /// Writes Locust's CSVs, its HTML report and the history; returns the history's note.
-    async fn collect(&self, dir: &Path, from: u64, to: u64) -> Result<Option<String>> {
+    /// Writes the CSVs, the HTML report of one master and the history; returns the history's
+    /// note. `stats.csv` is the test's, merged over its masters (exact, so thresholds judged
+    /// on it are too). With one master the other files are Locust's own; with several, fleet
+    /// writes `failures.csv` from the merged errors (and `report.html` once the summary is
+    /// made), and the history and exceptions, which Locust keeps per master, are left to
+    /// each master's UI.
+    async fn collect(
+        &self,
+        dir: &Path,
+        from: u64,
+        to: u64,
+        report: &Report,
+    ) -> Result<Option<String>> {
+        let csv = self.api.test_stats(true).await?;
+        write(dir, "stats.csv", &csv.body)?;
+        if report.masters > 1 {
+            write(dir, "failures.csv", failures_csv(&report.errors))?;
+            write(dir, "exceptions.csv", EXCEPTIONS_HEADER)?;
+            let note = several_masters_note(report.masters);
+            write(dir, "stats_history.csv", format!("# {note}\n"))?;
+            return Ok(Some(note));
+        }
         for (path, name) in [
-            ("/locust/stats/requests/csv", "stats.csv"),
             ("/locust/stats/failures/csv", "failures.csv"),
             ("/locust/exceptions/csv", "exceptions.csv"),
         ] {
@@ -397,6 +438,7 @@ mod tests {
 
     fn end(epoch: u64, user_count: u64, requests: u64) -> End {
         End {
+            report: report_from_requests(b"{}").unwrap(),
             live: Live {
                 user_count,
                 ..Default::default()

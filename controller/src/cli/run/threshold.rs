@@ -483,6 +483,8 @@ mod tests {
             avg: Some(25.5),
             min: Some(3.0),
             max: Some(900.0),
+            avg_size: None,
+            fail_rate: 0.0,
             percentiles: vec![("90".into(), Some(200.0)), ("95".into(), Some(500.0))],
         }
     }
