@@ -358,8 +358,8 @@ mod tests {
         assert_eq!(connected(&live, &views), ["a"]);
     }
 
-    #[test]
-    fn scaling_past_one_masters_capacity_warns_with_the_setting_to_change() {
+    /// A fleet directory made by `fleet init`, and its fleet.
+    fn new_fleet() -> (tempfile::TempDir, Fleet) {
         let d = tempfile::tempdir().unwrap();
         crate::cli::init::init(
             d.path(),
@@ -374,7 +374,13 @@ mod tests {
             },
         )
         .unwrap();
-        let mut fleet = Fleet::load(d.path()).unwrap();
+        let fleet = Fleet::load(d.path()).unwrap();
+        (d, fleet)
+    }
+
+    #[test]
+    fn scaling_past_one_masters_capacity_warns_with_the_setting_to_change() {
+        let (_d, mut fleet) = new_fleet();
         fleet.config.ec2.instance_types = vec!["c6i.xlarge".into()];
         // 1000 nodes of 4 vCPUs: 4000 workers on one master of 2500.
         let w = capacity_warning(&fleet, "ec2", 1000, Some(1)).expect("warned");
@@ -411,21 +417,7 @@ mod tests {
 
     #[test]
     fn node_counts_are_checked_against_the_cap() {
-        let d = tempfile::tempdir().unwrap();
-        crate::cli::init::init(
-            d.path(),
-            &crate::cli::init::InitOptions {
-                name: "t".into(),
-                listen: "127.0.0.1:8443".into(),
-                url: None,
-                cert_names: vec![],
-                locust: "locust".into(),
-                target: "http://127.0.0.1:8080".into(),
-                force: false,
-            },
-        )
-        .unwrap();
-        let fleet = Fleet::load(d.path()).unwrap();
+        let (_d, fleet) = new_fleet();
         let cap = fleet.config.scale.max_nodes;
         assert_eq!(check_nodes(&fleet, 0).unwrap(), 0);
         assert_eq!(check_nodes(&fleet, cap as i64).unwrap(), cap);

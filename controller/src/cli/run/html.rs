@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::locust::Endpoint;
-use super::report::{num, Summary};
+use super::report::{load_rows, num, Summary};
 use crate::master::merge::Report;
 
 fn esc(s: &str) -> String {
@@ -47,21 +47,12 @@ pub(super) fn report_html(s: &Summary, report: &Report, rows: &[Endpoint]) -> St
         m = report.masters
     );
     h.push_str("<h2>Run</h2>\n<table>\n");
-    for (k, v) in [
+    let head = [
         ("started", s.started.clone()),
         ("ended", s.ended.clone()),
         ("users", s.users.to_string()),
-        ("nodes", s.nodes.to_string()),
-        ("workers", s.workers.to_string()),
-        ("Locust masters", report.masters.to_string()),
-        ("requests", s.requests.to_string()),
-        ("failures", s.failures.to_string()),
-        ("RPS", format!("{:.2}", s.rps)),
-        ("p50 (ms)", num(s.p50_ms)),
-        ("p95 (ms)", num(s.p95_ms)),
-        ("p99 (ms)", num(s.p99_ms)),
-        ("failure %", format!("{:.2}", s.failure_pct)),
-    ] {
+    ];
+    for (k, v) in head.into_iter().chain(load_rows(s)) {
         let _ = writeln!(h, "<tr><th class=\"t\">{k}</th><td>{}</td></tr>", esc(&v));
     }
     h.push_str("</table>\n<h2>Requests</h2>\n<table>\n<tr><th class=\"t\">Type</th><th class=\"t\">Name</th><th># requests</th><th># fails</th><th>median (ms)</th><th>average (ms)</th><th>min (ms)</th><th>max (ms)</th><th>average size (bytes)</th><th>RPS</th><th>failures/s</th>");

@@ -82,6 +82,22 @@ pub(super) fn num(v: f64) -> String {
     }
 }
 
+/// The run's size and load numbers, as `summary.md` and fleet's own `report.html` show them.
+pub(super) fn load_rows(s: &Summary) -> [(&'static str, String); 10] {
+    [
+        ("nodes", s.nodes.to_string()),
+        ("workers", s.workers.to_string()),
+        ("Locust masters", s.masters.to_string()),
+        ("requests", s.requests.to_string()),
+        ("failures", s.failures.to_string()),
+        ("RPS", format!("{:.2}", s.rps)),
+        ("p50 (ms)", num(s.p50_ms)),
+        ("p95 (ms)", num(s.p95_ms)),
+        ("p99 (ms)", num(s.p99_ms)),
+        ("failure %", format!("{:.2}", s.failure_pct)),
+    ]
+}
+
 pub(super) fn summary_md(s: &Summary) -> String {
     let mut m = String::new();
     let _ = writeln!(
@@ -94,20 +110,13 @@ pub(super) fn summary_md(s: &Summary) -> String {
         (Some(h), Some(q)) => format!("`{h}` (sequence {q})"),
         _ => "-".into(),
     };
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("users", s.users.to_string()),
         ("spawn rate (users/s)", num(s.spawn_rate)),
         ("duration (s)", num(s.duration_s)),
-        ("nodes", s.nodes.to_string()),
-        ("workers", s.workers.to_string()),
-        ("Locust masters", s.masters.to_string()),
-        ("requests", s.requests.to_string()),
-        ("failures", s.failures.to_string()),
-        ("RPS", format!("{:.2}", s.rps)),
-        ("p50 (ms)", num(s.p50_ms)),
-        ("p95 (ms)", num(s.p95_ms)),
-        ("p99 (ms)", num(s.p99_ms)),
-        ("failure %", format!("{:.2}", s.failure_pct)),
+    ];
+    rows.extend(load_rows(s));
+    rows.extend([
         ("users running at the end", s.user_count.to_string()),
         (
             "requests in stats.csv (after the stop)",
@@ -119,7 +128,7 @@ pub(super) fn summary_md(s: &Summary) -> String {
         ("master epoch", s.master_epoch.to_string()),
         ("started", s.started.clone()),
         ("ended", s.ended.clone()),
-    ];
+    ]);
     m.push_str("| | |\n|---|---|\n");
     for (k, v) in rows {
         let _ = writeln!(m, "| {k} | {v} |");
