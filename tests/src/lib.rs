@@ -29,6 +29,24 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A binary of the workspace, next to the running test's `deps/` directory.
+/// Starts `fleet-agent --config cfg` on its own, logging to `dir/agent.log`, with none of the
+/// test run's own `FLEET_AGENT_*` variables (the config file alone decides).
+pub fn spawn_agent(cfg: &Path, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut cmd = Command::new(bin("fleet-agent"));
+    cmd.arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLEET_AGENT_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.spawn().expect("spawn fleet-agent")
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");

@@ -14,7 +14,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use fleet_common::process::signal_group;
 use fleet_common::wire::WorkerState;
 use fleet_tests::fake_controller::FakeController;
 use fleet_tests::pki::{new_ca, server_tls};
-use fleet_tests::{bin, procfs};
+use fleet_tests::{procfs, spawn_agent};
 use nix::sys::signal::Signal;
 
 const TOKEN: &str = "big-unpack-test-agent-token";
@@ -208,20 +208,8 @@ async fn heartbeats_keep_flowing_while_a_big_bundle_is_hashed_and_unpacked() {
     let cfg = dir.path().join("agent.toml");
     let vk = key.verify_key().to_base64();
     fs::write(&cfg, agent_config(dir.path(), &fake, &ca.pem(), &vk)).unwrap();
-    let log = fs::File::create(dir.path().join("agent.log")).unwrap();
-    let mut cmd = Command::new(bin("fleet-agent"));
-    cmd.arg("--config")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FLEET_AGENT_") {
-            cmd.env_remove(k);
-        }
-    }
     let agent = Agent {
-        child: cmd.spawn().expect("spawn fleet-agent"),
+        child: spawn_agent(&cfg, dir.path()),
         dir,
         fake: fake.clone(),
     };

@@ -16,7 +16,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use fleet_common::process::signal_group;
 use fleet_common::wire::{Heartbeat, NodeStatus, WorkerState};
 use fleet_tests::fake_controller::FakeController;
 use fleet_tests::pki::{new_ca, server_tls};
-use fleet_tests::{bin, procfs};
+use fleet_tests::{procfs, spawn_agent};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tar::EntryType;
@@ -776,19 +776,7 @@ impl Agent {
         set("max_unpacked_bytes", (MAX_UNPACKED_BYTES as i64).into());
         let cfg = dir.path().join("agent.toml");
         fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
-        let log = fs::File::create(dir.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(bin("fleet-agent"));
-        cmd.arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("FLEET_AGENT_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd.spawn().expect("spawn fleet-agent");
+        let child = spawn_agent(&cfg, dir.path());
         Agent {
             child: Some(child),
             dir,
