@@ -81,11 +81,15 @@ async fn the_merged_view_of_one_master_is_its_own_and_fleet_run_writes_it() {
     assert!(out.status.success(), "{out:?}");
     f.wait_all_running(2, &sha, Duration::from_secs(30)).await;
     // The master's start republishes the spec with its epoch, and the agents then swap their
-    // workers: wait until both run the current publication and the master counts them.
+    // workers: wait until both run the current publication and the master counts them. Locust
+    // caches its `/stats/requests` ~2 s; reading it on every poll keeps that answer stale when
+    // the workers come, and the test starts at once: the controller must count workers fresh
+    // (from the plugin), as the merged view does, or it refuses the test as having none.
     wait_for(
         "2 workers of the current publication in the merged view",
         Duration::from_secs(30),
         || async {
+            let _ = f.locust_stats().await;
             let current = f.spec().await?.current?;
             let nodes = f.nodes().await;
             let on_it = nodes.len() == 2

@@ -580,11 +580,14 @@ impl Master {
         .map(|o| o.to_string())
     }
 
-    /// Connected workers over every shard, asked of each master now.
+    /// Connected workers over every shard, asked of each master now: from its stats plugin,
+    /// which answers fresh, not from `/stats/requests`, which Locust caches ~2 s (a test
+    /// started just after the workers connected would be refused as having none, while the
+    /// merged view `fleet run` checked first already counted them).
     pub async fn worker_count(&self) -> Result<u64, ApiError> {
         let mut n = 0;
         for shard in self.shards.iter() {
-            n += shard.api.stats().await?.worker_count;
+            n += view::worker_count(&shard.api).await?;
         }
         Ok(n)
     }
