@@ -903,6 +903,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_added_while_join_waits_is_watched_too() {
+        let state = tempfile::tempdir().unwrap();
+        let m = Master::start(config(false, "locust"), "locustfile.py", state.path());
+        let joined = tokio::spawn({
+            let m = m.clone();
+            async move { m.join().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!joined.is_finished(), "the keeper runs");
+        // What a shard added while serving does: its tasks join the set `join` waits on.
+        m.tasks.spawn("shard balancer", async {});
+        let e = tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .expect("join sees the new task end")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MasterError::TaskEnded {
+                    task: "shard balancer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        m.stop().await;
+    }
+
+    #[tokio::test]
     async fn after_stop_every_task_has_ended_and_join_is_ok() {
         let state = tempfile::tempdir().unwrap();
         let m = Master::start(config(true, "locust"), "locustfile.py", state.path());
@@ -988,6 +1018,19 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(state.path().join(EXPECTED_FILE)).unwrap(),
             "3"
+        );
+        let mut names: Vec<&str> = m.tasks.names.lock().unwrap().values().copied().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "shard balancer",
+                "supervisor",
+                "supervisor",
+                "swarm keeper",
+                "swarm keeper"
+            ],
+            "shard 1's tasks and the balancer are owned with shard 0's"
         );
         // Fewer expected (scaled down): no shard is stopped while serving.
         assert_eq!(m.grow(0).await, 2);
