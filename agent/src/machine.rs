@@ -749,6 +749,65 @@ mod tests {
     }
 
     #[test]
+    fn one_master_becoming_two_moves_only_the_nodes_that_hash_to_the_new_one() {
+        // `master.shards = "auto"` grew while serving: the manifest that carried `master`
+        // alone now lists shard 0 (the same master, same epoch) and a new shard 1.
+        let one = rel("a", 1, 3);
+        let mut two = rel("a", 2, 3);
+        two.manifest.masters = vec![
+            fleet_common::manifest::ShardAddr {
+                host: "10.0.0.5".into(),
+                port: 5557,
+                epoch: 3,
+            },
+            fleet_common::manifest::ShardAddr {
+                host: "10.0.0.5".into(),
+                port: 5558,
+                epoch: 1,
+            },
+        ];
+        let nodes: Vec<String> = (0..40).map(|i| format!("node-{i}")).collect();
+        let mut moved = 0;
+        for id in &nodes {
+            let before = RunSpec::of(&one, id);
+            let after = RunSpec::of(&two, id);
+            match fleet_common::shard::pick(id, 2) {
+                0 => assert!(after.same_workers(&before), "{id} stays: workers kept"),
+                _ => {
+                    assert!(!after.same_workers(&before), "{id} moves: new workers");
+                    assert_eq!((after.master.port, after.epoch), (5558, 1));
+                    moved += 1;
+                }
+            }
+        }
+        assert!(
+            0 < moved && moved < nodes.len(),
+            "{moved} of {}",
+            nodes.len()
+        );
+        // The machine of a node that moves launches workers for the new master.
+        let t0 = Instant::now();
+        let id = nodes
+            .iter()
+            .find(|id| fleet_common::shard::pick(id, 2) == 1)
+            .unwrap();
+        let (mut m, _) = Machine::start(
+            Settings {
+                node_id: id.clone(),
+                ..settings()
+            },
+            Some(one.clone()),
+            t0,
+        );
+        m.on_event(Event::Poll(Poll::Reachable), t0);
+        let fx = m.on_event(release(&two), t0);
+        assert_eq!(
+            launches(&fx),
+            vec![(2, two.manifest.bundle.sha256.clone(), 1)]
+        );
+    }
+
+    #[test]
     fn a_crash_loop_rolls_back_to_the_last_good_code_against_the_new_master() {
         let t0 = Instant::now();
         let (a, b) = (rel("a", 1, 1), rel("b", 2, 2));

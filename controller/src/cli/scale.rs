@@ -395,7 +395,7 @@ mod tests {
         fleet.config.master.shards = capacity::Shards::Auto;
         assert_eq!(capacity_warning(&fleet, "ec2", 1000, None), None);
         let w = capacity_warning(&fleet, "ec2", 1000, Some(1)).expect("warned");
-        assert!(w.contains("runs 2 after `fleet serve` restarts"), "{w}");
+        assert!(w.contains("\"auto\" starts 2 as the workers"), "{w}");
         let report = ScaleReport {
             backend: "ec2",
             desired: 1000,

@@ -66,6 +66,10 @@ const SERVER: &str = "TLS server loop";
 const STEWARD: &str = "spec steward";
 /// The task that reads the test's stats once a second for the event stream.
 const STATS_VIEW: &str = "stats view";
+/// With `master.shards = "auto"`: the task that starts masters as the expected workers grow.
+const SHARD_GROWER: &str = "shard grower";
+/// How often the shard grower looks at the expected workers.
+const GROW_EVERY: Duration = Duration::from_secs(1);
 /// How long `stop` waits for open connections to close gracefully.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -240,6 +244,9 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
     let debounce = Duration::from_millis(cfg.controller.debounce_ms);
     tasks.spawn(STEWARD, steward.run(edits, requests, debounce));
     tasks.spawn(STATS_VIEW, stats.run(state.master.clone()));
+    if cfg.master.managed && cfg.master.shards == crate::master::capacity::Shards::Auto {
+        tasks.spawn(SHARD_GROWER, grow_shards(state.clone()));
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let router = app(state.clone());
     tasks.spawn(
@@ -258,6 +265,16 @@ pub async fn start(fleet: &Fleet) -> Result<Controller> {
         tasks,
         _watcher: watcher,
     })
+}
+
+/// `master.shards = "auto"` while serving: once a second, the masters the expected workers
+/// need (the nodes `fleet scale` and `fleet status` last listed) are started
+/// ([`Master::grow`] decides and carries it out).
+async fn grow_shards(st: Shared) {
+    loop {
+        tokio::time::sleep(GROW_EVERY).await;
+        st.master.grow(st.nodes.listed_count()).await;
+    }
 }
 
 /// The validation gate as `[spec]` sets it: the `locust` to check with (`spec.locust`, else the

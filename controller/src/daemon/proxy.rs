@@ -53,7 +53,10 @@ pub(super) async fn locust(State(st): State<Shared>, req: Request) -> Response {
         .unwrap_or_default();
     // `/locust/<k>/...` is shard k's own UI (k > 0; its base ends in `/locust/<k>`).
     let (shard, path) = shard_of(path, st.master.shard_count());
-    let api = st.master.shard_api(shard).unwrap_or(&st.master.api);
+    let api = st
+        .master
+        .shard_api(shard)
+        .unwrap_or_else(|| st.master.api.clone());
     // `base` ends in `/locust` for a managed master; the remaining path goes after it.
     let uri = format!("{}{path}{query}", api.base());
     let body = match axum::body::to_bytes(body, MAX_BODY).await {

@@ -101,9 +101,10 @@ pub fn sum_stats(all: &[Stats]) -> Stats {
     }
 }
 
-/// Splits the recorded test again whenever [`plan`] says so, until `stopping`.
+/// Splits the recorded test again whenever [`plan`] says so, until `stopping`, over the shards
+/// as they are at each step (a shard added while serving joins the split).
 pub async fn run(
-    shards: Arc<Vec<Shard>>,
+    shards: watch::Receiver<Arc<Vec<Shard>>>,
     total: Arc<watch::Sender<Total>>,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -112,7 +113,8 @@ pub async fn run(
             _ = stopping.wait_for(|s| *s) => return,
             _ = async {
                 tokio::time::sleep(EVERY).await;
-                step(&shards, &total, Instant::now()).await;
+                let now = shards.borrow().clone();
+                step(&now, &total, Instant::now()).await;
             } => {}
         }
     }

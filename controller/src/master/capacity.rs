@@ -5,7 +5,8 @@
 //! One Locust master is one single-threaded process; past a few thousand workers it saturates
 //! its core and everything else waits (docs/locust.md, "How many workers one master holds").
 //! `master.capacity` is how many workers one master should carry; `master.shards` how many
-//! masters run (`"auto"`: enough for the expected workers, decided when `fleet serve` starts).
+//! masters run (`"auto"`: enough for the expected workers, chosen when `fleet serve` starts
+//! and grown while it runs, [`grow_to`]).
 
 use std::fmt;
 
@@ -79,6 +80,18 @@ pub fn shard_count(setting: Shards, expected: u64, capacity: u64) -> u32 {
     match setting {
         Shards::Fixed(k) => k.max(1),
         Shards::Auto => needed(expected, capacity),
+    }
+}
+
+/// How many masters should run now that `expected` workers are expected and `running` run:
+/// for `"auto"`, enough of `capacity` workers each, at most `max` (the most whose ports fit)
+/// and never fewer than run (a master with workers under a running test is not stopped; a
+/// restart picks the count again from the saved expected workers). A fixed number never
+/// changes while `fleet serve` runs.
+pub fn grow_to(setting: Shards, running: u32, expected: u64, capacity: u64, max: u32) -> u32 {
+    match setting {
+        Shards::Fixed(_) => running,
+        Shards::Auto => needed(expected, capacity).min(max).max(running),
     }
 }
 
@@ -170,7 +183,7 @@ impl fmt::Display for Overload {
         if *auto {
             write!(
                 f,
-                "master.shards = \"auto\" runs {needed} after `fleet serve` restarts"
+                "master.shards = \"auto\" starts {needed} as the workers are expected"
             )
         } else {
             write!(
@@ -234,6 +247,25 @@ mod tests {
     }
 
     #[test]
+    fn auto_grows_to_the_masters_the_expected_workers_need_and_never_shrinks() {
+        // `fleet serve` on a new fleet, then `fleet scale --nodes 1000` of 4 workers each.
+        assert_eq!(grow_to(Shards::Auto, 1, 4000, 2500, MAX_SHARDS), 2);
+        assert_eq!(grow_to(Shards::Auto, 1, 2500, 2500, MAX_SHARDS), 1);
+        assert_eq!(grow_to(Shards::Auto, 2, 8000, 2500, MAX_SHARDS), 4);
+        // Fewer expected than run (scaled down, or a node listing still empty): keep them.
+        assert_eq!(grow_to(Shards::Auto, 3, 0, 2500, MAX_SHARDS), 3);
+        assert_eq!(grow_to(Shards::Auto, 3, 2600, 2500, MAX_SHARDS), 3);
+        // Capped by the ports that fit, but what runs stays.
+        assert_eq!(grow_to(Shards::Auto, 1, 100_000, 2500, 5), 5);
+        assert_eq!(grow_to(Shards::Auto, 6, 100_000, 2500, 5), 6);
+        // A fixed number is what runs, whatever is expected.
+        assert_eq!(grow_to(Shards::Fixed(1), 1, 100_000, 2500, MAX_SHARDS), 1);
+        assert_eq!(grow_to(Shards::Fixed(3), 3, 0, 2500, MAX_SHARDS), 3);
+        // The small capacity of the end-to-end test: 3 nodes of one worker over 2 per master.
+        assert_eq!(grow_to(Shards::Auto, 1, 3, 2, MAX_SHARDS), 2);
+    }
+
+    #[test]
     fn expected_workers_are_the_plan_or_the_reports_whichever_is_more() {
         assert_eq!(expected_workers(1000, Some(4), 0), 4000);
         assert_eq!(expected_workers(10, Some(4), 90), 90);
@@ -289,11 +321,11 @@ mod tests {
         let w = overload(8000, 3, 2500, Shards::Fixed(3)).unwrap();
         assert_eq!(w.needed, 4);
         assert!(w.to_string().contains("on 3 Locust masters"), "{w}");
-        // "auto" decided at the start: more nodes since then need a restart.
+        // "auto" grows while `fleet serve` runs: the warning says what it is about to do.
         let w = overload(8000, 2, 2500, Shards::Auto).unwrap();
         assert!(
             w.to_string()
-                .contains("runs 4 after `fleet serve` restarts"),
+                .contains("\"auto\" starts 4 as the workers are expected"),
             "{w}"
         );
     }

@@ -5,9 +5,11 @@
 //! keeps the operator's test running through Locust's own stops. The facts they build on are
 //! in docs/locust.md; how they fit together in docs/architecture.md.
 //!
-//! [`Master`] is the handle the rest of the controller holds. It owns two tasks, the supervisor
-//! (only for a managed master) and the keeper; [`Master::join`] reports one that ends before
-//! [`Master::stop`] asked it to.
+//! [`Master`] is the handle the rest of the controller holds. It owns two tasks per shard, the
+//! supervisor (only for a managed master) and the keeper, and with shards the balancer;
+//! [`Master::join`] reports one that ends before [`Master::stop`] asked it to. With
+//! `master.shards = "auto"`, [`Master::grow`] appends shards while the controller runs; the
+//! list only grows, so a reader takes it as it is now ([`Master::all`]) and goes on with that.
 //!
 //! State has one writer per part: the supervisor writes the process state ([`Proc`]), the
 //! keeper Locust's numbers, and the recorded test ([`Desired`]) is written by the operator's
@@ -128,20 +130,46 @@ impl Shared {
     }
 }
 
-/// The master's long-running tasks, each named for the report when one ends.
+/// The master's long-running tasks, each named for the report when one ends. Tasks are added
+/// while [`Master::join`] waits on the set (a grown shard's), so neither holds the lock across
+/// an await.
 struct Tasks {
-    set: tokio::sync::Mutex<JoinSet<()>>,
-    names: HashMap<Id, &'static str>,
+    set: Mutex<JoinSet<()>>,
+    names: Mutex<HashMap<Id, &'static str>>,
     /// Turned true by [`Master::stop`]: tasks ending after that are expected.
     stopping: watch::Sender<bool>,
 }
 
+impl Tasks {
+    fn spawn(
+        &self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        // Named before the set lock is let go: `join` sees the task's end only under it.
+        let id = set.spawn(task).id();
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, name);
+    }
+
+    fn name(&self, id: Id) -> &'static str {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names.get(&id).copied().unwrap_or("task")
+    }
+}
+
 /// One master of the fleet (a shard): its ports, its state, its supervisor's commands.
+#[derive(Clone)]
 struct Shard {
     index: u32,
     cfg: MasterConfig,
     shared: Arc<Shared>,
     cmds: mpsc::Sender<Cmd>,
+    /// The supervisor's end, until it is spawned ([`Shard::take_cmds`]).
+    cmds_rx: Arc<Mutex<Option<mpsc::Receiver<Cmd>>>>,
     api: LocustApi,
 }
 
@@ -180,7 +208,18 @@ struct Total {
 #[derive(Clone)]
 pub struct Master {
     cfg: MasterConfig,
-    shards: Arc<Vec<Shard>>,
+    /// In shard order; only [`Master::grow`] changes it, by appending.
+    shards: Arc<watch::Sender<Arc<Vec<Shard>>>>,
+    /// The most shards whose ports fit (1 for an external master).
+    max_shards: u32,
+    locustfile: String,
+    state_dir: PathBuf,
+    /// The spec directory the masters were last asked to run, for a shard started later.
+    last_dir: Arc<Mutex<Option<PathBuf>>>,
+    /// The epochs' sender, kept for shards started later (managed masters only).
+    epoch_tx: Option<Arc<watch::Sender<Vec<u64>>>>,
+    /// One [`Master::grow`] at a time, and none once [`Master::stop`] began.
+    growing: Arc<tokio::sync::Mutex<()>>,
     /// The operator's test over all shards; each shard's keeper keeps its share.
     total: Arc<watch::Sender<Total>>,
     total_file: PathBuf,
@@ -215,99 +254,59 @@ impl Master {
         state_dir: &Path,
         count: u32,
     ) -> Master {
-        let count = if cfg.managed { count.max(1) } else { 1 };
-        let mut set = JoinSet::new();
-        let mut names = HashMap::new();
+        let max_shards = if cfg.managed {
+            (1..capacity::MAX_SHARDS)
+                .take_while(|k| shard_config(&cfg, *k).is_ok())
+                .count() as u32
+                + 1
+        } else {
+            1
+        };
+        if count > max_shards {
+            // Ports past 65535: run the shards that fit, and say so.
+            if let Err(e) = shard_config(&cfg, max_shards) {
+                log!("{e}");
+            }
+        }
+        let count = count.clamp(1, max_shards);
         let (stopping, stopping_rx) = watch::channel(false);
+        let tasks = Arc::new(Tasks {
+            set: Mutex::new(JoinSet::new()),
+            names: Mutex::new(HashMap::new()),
+            stopping,
+        });
         let mut shards = vec![];
         let mut epochs = vec![];
         let mut pending = vec![];
         for index in 0..count {
-            let scfg = match shard_config(&cfg, index) {
-                Ok(c) => c,
-                Err(e) => {
-                    // Ports past 65535: run the shards that fit, and say so.
-                    log!("{e}");
-                    break;
-                }
-            };
-            let state_file = state_dir.join(shard_file(index, "master", "json"));
-            let saved: Saved = std::fs::read(&state_file)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
+            let scfg = shard_config(&cfg, index).expect("within max_shards");
+            let (shard, saved) = Shard::open(index, scfg, state_dir, false);
             epochs.push(saved.epoch);
-            let shared = Arc::new(Shared {
-                proc: watch::Sender::new(Proc {
-                    pid: None,
-                    epoch: saved.epoch,
-                    restarts: 0,
-                    classes: saved.classes,
-                    dir: saved.dir,
-                }),
-                desired: watch::Sender::new(Desired {
-                    swarm: saved.swarm,
-                    ..Desired::default()
-                }),
-                stats: watch::Sender::new(None),
-                state_file,
-                saving: Mutex::new(()),
-            });
-            let api = LocustApi::new(&scfg.web_url);
-            let (cmds, rx) = mpsc::channel(8);
-            pending.push((rx, saved.pid));
-            let keeper = keeper::run(shared.clone(), api.clone(), stopping_rx.clone());
-            names.insert(set.spawn(keeper).id(), "swarm keeper");
-            shards.push(Shard {
-                index,
-                cfg: scfg,
-                shared,
-                cmds,
-                api,
-            });
+            pending.push((shard.clone(), saved.pid));
+            shards.push(shard);
         }
+        let last_dir = shards[0].shared.proc.borrow().dir.clone();
         let (epoch_tx, epoch_rx) = watch::channel(epochs);
         let epoch_tx = Arc::new(epoch_tx);
-        for (shard, (rx, pid)) in shards.iter().zip(pending) {
-            if cfg.managed {
-                let adopted = supervisor::adoptable(pid, supervisor::alive_master);
-                let sup = Supervisor::new(
-                    shard.cfg.clone(),
-                    locustfile,
-                    state_dir,
-                    shard.index,
-                    shard.shared.clone(),
-                    epoch_tx.clone(),
-                    adopted,
-                );
-                names.insert(set.spawn(sup.run(rx)).id(), "supervisor");
-            }
-        }
-        // An external master: nothing to supervise. Dropping the epochs' sender tells the
-        // publisher no restart will come; the epoch stays 0 unless the operator restarts
-        // that master and tells agents with `fleet serve` restarted.
-        drop(epoch_tx);
         let total_file = state_dir.join("master-test.json");
         let total: Total = std::fs::read(&total_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let total = Arc::new(watch::Sender::new(total));
-        let shards = Arc::new(shards);
-        if shards.len() > 1 {
-            let bal = balance::run(shards.clone(), total.clone(), stopping_rx);
-            names.insert(set.spawn(bal).id(), "shard balancer");
-        }
         let api = shards[0].api.clone();
-        let tasks = Arc::new(Tasks {
-            set: tokio::sync::Mutex::new(set),
-            names,
-            stopping,
-        });
-        Master {
+        let master = Master {
+            shards: Arc::new(watch::Sender::new(Arc::new(shards))),
+            max_shards,
+            locustfile: locustfile.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            last_dir: Arc::new(Mutex::new(last_dir)),
+            // An external master: nothing to supervise. Dropping the epochs' sender tells the
+            // publisher no restart will come; the epoch stays 0 unless the operator restarts
+            // that master and tells agents with `fleet serve` restarted.
+            epoch_tx: cfg.managed.then_some(epoch_tx),
+            growing: Arc::new(tokio::sync::Mutex::new(())),
             cfg,
-            shards,
-            total,
+            total: Arc::new(watch::Sender::new(total)),
             total_file,
             per_node: Arc::new(watch::Sender::new(None)),
             expected: Arc::new(watch::Sender::new(0)),
@@ -315,7 +314,130 @@ impl Master {
             epoch_rx,
             tasks,
             api,
+        };
+        for (shard, pid) in pending {
+            master.run_shard(&shard, pid);
         }
+        if count > 1 {
+            master.run_balancer(stopping_rx);
+        }
+        master
+    }
+
+    /// Spawns shard `shard`'s keeper and, for a managed master, its supervisor (adopting the
+    /// master at `pid` if it still runs).
+    fn run_shard(&self, shard: &Shard, pid: Option<u32>) {
+        let stopping = self.tasks.stopping.subscribe();
+        let keeper = keeper::run(shard.shared.clone(), shard.api.clone(), stopping);
+        self.tasks.spawn("swarm keeper", keeper);
+        // An external master has no supervisor: its end of the commands is dropped, so a
+        // command to it fails at once instead of waiting for an answer.
+        let rx = shard.take_cmds();
+        let (Some(epoch_tx), Some(rx)) = (&self.epoch_tx, rx) else {
+            return;
+        };
+        let sup = Supervisor::new(
+            shard.cfg.clone(),
+            &self.locustfile,
+            &self.state_dir,
+            shard.index,
+            shard.shared.clone(),
+            epoch_tx.clone(),
+            supervisor::adoptable(pid, supervisor::alive_master),
+        );
+        self.tasks.spawn("supervisor", sup.run(rx));
+    }
+
+    fn run_balancer(&self, stopping: watch::Receiver<bool>) {
+        let bal = balance::run(self.shards.subscribe(), self.total.clone(), stopping);
+        self.tasks.spawn("shard balancer", bal);
+    }
+
+    /// The shards as they are now (shard 0 first). The list only grows; a reader that holds
+    /// this one while a shard is added goes on with the shards it had.
+    fn all(&self) -> Arc<Vec<Shard>> {
+        self.shards.borrow().clone()
+    }
+
+    /// The masters `master.shards` wants for the workers expected now ([`capacity::grow_to`];
+    /// only `"auto"` ever adds one): the nodes the backend lists (`listed_nodes`) times the
+    /// workers per node, or the workers connected, whichever is more. Each new shard k gets
+    /// its supervisor and keeper as at the start, runs the spec the others run, and is
+    /// published in the manifest with its first epoch; a test that runs is split again over
+    /// every shard by the balancer (started here when the fleet had one master). Never stops
+    /// a shard. Returns how many masters run.
+    pub async fn grow(&self, listed_nodes: usize) -> usize {
+        let _one = self.growing.lock().await;
+        let expected = self.expected_now(listed_nodes);
+        let running = self.shard_count() as u32;
+        let to = capacity::grow_to(
+            self.cfg.shards,
+            running,
+            expected,
+            self.cfg.capacity,
+            self.max_shards,
+        );
+        for k in running..to {
+            if *self.tasks.stopping.borrow() {
+                break;
+            }
+            log!(
+                "starting shard {k}: {expected} workers expected, capacity {} per master",
+                self.cfg.capacity
+            );
+            if let Err(e) = self.start_shard(k).await {
+                log!("{e}");
+                break;
+            }
+        }
+        self.shard_count()
+    }
+
+    /// Adds shard `k` (the next index) and starts its master on the spec the others run.
+    async fn start_shard(&self, k: u32) -> Result<(), MasterError> {
+        let scfg = shard_config(&self.cfg, k)?;
+        // A shard that ran before (a larger fleet, an earlier run) keeps counting its epochs
+        // up; the test it recorded then is not this one: the balancer gives it its share.
+        let (shard, saved) = Shard::open(k, scfg, &self.state_dir, true);
+        self.run_shard(&shard, saved.pid);
+        let from_one = k == 1;
+        if from_one {
+            // The test of the one master so far is the test over all shards from now on.
+            let d = *self.all()[0].shared.desired.borrow();
+            self.total.send_replace(Total {
+                swarm: d.swarm,
+                until: d.until,
+            });
+            self.save_total();
+        }
+        self.shards.send_modify(|all| {
+            let mut grown = Vec::clone(all);
+            grown.push(shard.clone());
+            *all = Arc::new(grown);
+        });
+        if from_one {
+            self.run_balancer(self.tasks.stopping.subscribe());
+        }
+        // Read after the shard joined the list: an `ensure` that began before sets the
+        // directory first, one that begins after reaches this shard too.
+        let dir = self
+            .last_dir
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(dir) = dir else {
+            // Nothing published yet: the first publication starts it with the others.
+            return Ok(());
+        };
+        let (reply, rx) = oneshot::channel();
+        shard
+            .cmds
+            .send(Cmd::Ensure { dir, reply })
+            .await
+            .map_err(|_| MasterError::NoSupervisor)?;
+        // The supervisor publishes the new master's epoch; the steward then republishes the
+        // manifest with the longer list of masters.
+        rx.await.map_err(|_| MasterError::NoSupervisor)?.map(drop)
     }
 
     pub fn managed(&self) -> bool {
@@ -324,21 +446,24 @@ impl Master {
 
     /// How many masters run.
     pub fn shard_count(&self) -> usize {
-        self.shards.len()
+        self.shards.borrow().len()
     }
 
     /// Shard `k`'s web API (`/locust/<k>/` proxies it).
-    pub fn shard_api(&self, k: usize) -> Option<&LocustApi> {
-        self.shards.get(k).map(|s| &s.api)
+    pub fn shard_api(&self, k: usize) -> Option<LocustApi> {
+        self.shards.borrow().get(k).map(|s| s.api.clone())
     }
 
     /// Where each shard's workers connect, as the manifest lists them (empty for one master:
-    /// the manifest then carries `master` alone, as before shards).
+    /// the manifest then carries `master` alone, as before shards). A shard whose master has
+    /// not started yet (no epoch) is not listed: no worker is sent to a port nothing binds.
     pub fn masters(&self, epochs: &[u64]) -> Vec<ShardAddr> {
-        if self.shards.len() < 2 {
+        let all = self.all();
+        let listed = all.len().min(epochs.len().max(1));
+        if listed < 2 {
             return vec![];
         }
-        self.shards
+        all[..listed]
             .iter()
             .map(|s| ShardAddr {
                 host: s.cfg.host.clone(),
@@ -360,8 +485,10 @@ impl Master {
         if !self.cfg.managed {
             return Ok(self.epoch_rx.borrow().clone());
         }
+        // Before the list is read: a shard added meanwhile reads this directory after joining.
+        *self.last_dir.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
         let mut replies = vec![];
-        for s in self.shards.iter() {
+        for s in self.all().iter() {
             let (reply, rx) = oneshot::channel();
             s.cmds
                 .send(Cmd::Ensure {
@@ -382,8 +509,10 @@ impl Master {
     /// Stops every managed master's process group and the tasks; returns once they ended.
     pub async fn stop(&self) {
         self.tasks.stopping.send_replace(true);
+        // A shard being added finishes joining the list first, so it is stopped too.
+        let _no_more = self.growing.lock().await;
         let mut replies = vec![];
-        for s in self.shards.iter() {
+        for s in self.all().iter() {
             let (reply, rx) = oneshot::channel();
             if s.cmds.send(Cmd::Stop { reply }).await.is_ok() {
                 replies.push(rx);
@@ -402,8 +531,14 @@ impl Master {
     /// selected on next to the daemon's other tasks; cancel-safe, and a later call goes on
     /// with the tasks that are left.
     pub async fn join(&self) -> Result<(), MasterError> {
-        let mut set = self.tasks.set.lock().await;
-        while let Some(ended) = set.join_next_with_id().await {
+        // The set is locked for each poll only, so a shard added meanwhile adds its tasks.
+        let next = || {
+            std::future::poll_fn(|cx| {
+                let mut set = self.tasks.set.lock().unwrap_or_else(|e| e.into_inner());
+                set.poll_join_next_with_id(cx)
+            })
+        };
+        while let Some(ended) = next().await {
             if *self.tasks.stopping.borrow() {
                 continue;
             }
@@ -412,7 +547,7 @@ impl Master {
                 Err(e) if e.is_panic() => (e.id(), "panicked".to_string()),
                 Err(e) => (e.id(), e.to_string()),
             };
-            let task = self.tasks.names.get(&id).copied().unwrap_or("task");
+            let task = self.tasks.name(id);
             return Err(MasterError::TaskEnded { task, how });
         }
         Ok(())
@@ -420,9 +555,10 @@ impl Master {
 
     /// Shard 0 as before shards, with every shard listed and the test over all of them.
     pub fn view(&self) -> MasterView {
-        let s0 = &self.shards[0];
+        let all = self.all();
+        let s0 = &all[0];
         let p = s0.shared.proc.borrow().clone();
-        let sharded = self.shards.len() > 1;
+        let sharded = all.len() > 1;
         MasterView {
             managed: self.cfg.managed,
             pid: p.pid,
@@ -435,7 +571,7 @@ impl Master {
             } else {
                 s0.shared.desired.borrow().swarm
             },
-            shards: self.shards.iter().map(Shard::view).collect(),
+            shards: all.iter().map(Shard::view).collect(),
             capacity_warning: None,
         }
     }
@@ -445,7 +581,7 @@ impl Master {
     /// answered).
     pub fn stats(&self) -> Option<Stats> {
         let all: Option<Vec<Stats>> = self
-            .shards
+            .all()
             .iter()
             .map(|s| s.shared.stats.borrow().clone())
             .collect();
@@ -454,7 +590,7 @@ impl Master {
 
     /// Each shard's numbers from its keeper's last poll.
     pub fn shard_stats(&self) -> Vec<Option<Stats>> {
-        self.shards
+        self.all()
             .iter()
             .map(|s| s.shared.stats.borrow().clone())
             .collect()
@@ -464,7 +600,7 @@ impl Master {
     /// that shows the test's numbers reads them through [`Master::merged_stats`], so this is
     /// the one place that says which masters there are.
     pub fn shard_apis(&self) -> Vec<LocustApi> {
-        self.shards.iter().map(|s| s.api.clone()).collect()
+        self.all().iter().map(|s| s.api.clone()).collect()
     }
 
     /// The test's stats now: every master's snapshot merged exactly, or the only master's own
@@ -487,44 +623,55 @@ impl Master {
     /// With shards, each records its share by its connected workers.
     pub fn set_swarm_until(&self, s: Option<SwarmRequest>, run_time: Option<Duration>) {
         let now = Instant::now();
-        let shares = self.shares(s);
-        for (shard, share) in self.shards.iter().zip(shares) {
+        let all = self.all();
+        let shares = self.shares(&all, s);
+        for (shard, share) in all.iter().zip(shares) {
             shard
                 .shared
                 .desired
                 .send_replace(Desired::set(share, run_time, now));
             shard.shared.save();
         }
-        if self.shards.len() > 1 {
+        if all.len() > 1 {
             self.total.send_replace(Total {
                 swarm: s,
                 until: run_time.map(|d| now + d),
             });
-            let bytes = serde_json::to_vec(&*self.total.borrow()).expect("serialises");
-            let _ = std::fs::write(&self.total_file, bytes);
+            self.save_total();
         }
     }
 
-    /// `s` split over the shards by their connected workers at the last poll.
-    fn shares(&self, s: Option<SwarmRequest>) -> Vec<Option<SwarmRequest>> {
-        let workers: Vec<u64> = self
-            .shard_stats()
+    fn save_total(&self) {
+        let bytes = serde_json::to_vec(&*self.total.borrow()).expect("serialises");
+        let _ = std::fs::write(&self.total_file, bytes);
+    }
+
+    /// `s` split over `all` by their connected workers at the last poll.
+    fn shares(&self, all: &[Shard], s: Option<SwarmRequest>) -> Vec<Option<SwarmRequest>> {
+        let workers: Vec<u64> = all
             .iter()
-            .map(|st| st.as_ref().map_or(0, |st| st.worker_count))
+            .map(|sh| {
+                sh.shared
+                    .stats
+                    .borrow()
+                    .as_ref()
+                    .map_or(0, |st| st.worker_count)
+            })
             .collect();
         match s {
             Some(s) => balance::split(&s, &workers),
-            None => vec![None; self.shards.len()],
+            None => vec![None; all.len()],
         }
     }
 
     /// Starts (or resizes) the test on every shard with its share, then records it.
     pub async fn swarm(&self, s: &SwarmRequest) -> Result<(), ApiError> {
-        let shares = self.shares(Some(*s));
-        for (shard, share) in self.shards.iter().zip(&shares) {
+        let all = self.all();
+        let shares = self.shares(&all, Some(*s));
+        for (shard, share) in all.iter().zip(&shares) {
             match share {
                 Some(share) => shard.api.swarm(share).await?,
-                None if self.shards.len() > 1 => shard.api.stop().await?,
+                None if all.len() > 1 => shard.api.stop().await?,
                 None => {}
             }
         }
@@ -536,7 +683,7 @@ impl Master {
     pub async fn stop_test(&self) -> Result<(), ApiError> {
         self.set_swarm(None);
         let mut first = Ok(());
-        for shard in self.shards.iter() {
+        for shard in self.all().iter() {
             if let Err(e) = shard.api.stop().await {
                 if first.is_ok() {
                     first = Err(e);
@@ -556,6 +703,19 @@ impl Master {
     /// more. The expected count is kept in `state/master-expected.json` for the next start's
     /// `shards = "auto"`.
     pub fn capacity_warning(&self, listed_nodes: usize) -> Option<String> {
+        let expected = self.expected_now(listed_nodes);
+        capacity::overload(
+            expected,
+            self.shard_count() as u32,
+            self.cfg.capacity,
+            self.cfg.shards,
+        )
+        .map(|o| o.to_string())
+    }
+
+    /// The workers expected now (`listed_nodes` times the workers per node, or the workers
+    /// connected, whichever is more), kept in `state/master-expected.json` when it changed.
+    fn expected_now(&self, listed_nodes: usize) -> u64 {
         let connected = self
             .shard_stats()
             .iter()
@@ -571,13 +731,7 @@ impl Master {
         if changed {
             let _ = std::fs::write(&self.expected_file, expected.to_string());
         }
-        capacity::overload(
-            expected,
-            self.shards.len() as u32,
-            self.cfg.capacity,
-            self.cfg.shards,
-        )
-        .map(|o| o.to_string())
+        expected
     }
 
     /// Connected workers over every shard, asked of each master now: from its stats plugin,
@@ -586,7 +740,7 @@ impl Master {
     /// merged view `fleet run` checked first already counted them).
     pub async fn worker_count(&self) -> Result<u64, ApiError> {
         let mut n = 0;
-        for shard in self.shards.iter() {
+        for shard in self.all().iter() {
             n += view::worker_count(&shard.api).await?;
         }
         Ok(n)
@@ -594,6 +748,52 @@ impl Master {
 }
 
 impl Shard {
+    /// Shard `index` with its state from `state_dir`'s `master[-k].json`; `fresh` forgets the
+    /// test it recorded then (a shard added while serving gets its share from the balancer).
+    /// The supervisor's commands wait in the shard until [`Shard::take_cmds`].
+    fn open(index: u32, cfg: MasterConfig, state_dir: &Path, fresh: bool) -> (Shard, Saved) {
+        let state_file = state_dir.join(shard_file(index, "master", "json"));
+        let saved: Saved = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let shared = Arc::new(Shared {
+            proc: watch::Sender::new(Proc {
+                pid: None,
+                epoch: saved.epoch,
+                restarts: 0,
+                classes: saved.classes.clone(),
+                dir: saved.dir.clone(),
+            }),
+            desired: watch::Sender::new(Desired {
+                swarm: if fresh { None } else { saved.swarm },
+                ..Desired::default()
+            }),
+            stats: watch::Sender::new(None),
+            state_file,
+            saving: Mutex::new(()),
+        });
+        let api = LocustApi::new(&cfg.web_url);
+        let (cmds, rx) = mpsc::channel(8);
+        let shard = Shard {
+            index,
+            cfg,
+            shared,
+            cmds,
+            cmds_rx: Arc::new(Mutex::new(Some(rx))),
+            api,
+        };
+        (shard, saved)
+    }
+
+    /// The supervisor's end of the commands, once.
+    fn take_cmds(&self) -> Option<mpsc::Receiver<Cmd>> {
+        self.cmds_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     fn view(&self) -> ShardView {
         let p = self.shared.proc.borrow();
         let stats = self.shared.stats.borrow();
@@ -684,7 +884,7 @@ mod tests {
     async fn a_task_that_ends_before_stop_is_reported_by_name() {
         let state = tempfile::tempdir().unwrap();
         let m = Master::start(config(false, "locust"), "locustfile.py", state.path());
-        m.tasks.set.lock().await.abort_all();
+        m.tasks.set.lock().unwrap().abort_all();
         let e = tokio::time::timeout(Duration::from_secs(5), m.join())
             .await
             .expect("join resolves")
@@ -703,6 +903,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_added_while_join_waits_is_watched_too() {
+        let state = tempfile::tempdir().unwrap();
+        let m = Master::start(config(false, "locust"), "locustfile.py", state.path());
+        let joined = tokio::spawn({
+            let m = m.clone();
+            async move { m.join().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!joined.is_finished(), "the keeper runs");
+        // What a shard added while serving does: its tasks join the set `join` waits on.
+        m.tasks.spawn("shard balancer", async {});
+        let e = tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .expect("join sees the new task end")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MasterError::TaskEnded {
+                    task: "shard balancer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        m.stop().await;
+    }
+
+    #[tokio::test]
     async fn after_stop_every_task_has_ended_and_join_is_ok() {
         let state = tempfile::tempdir().unwrap();
         let m = Master::start(config(true, "locust"), "locustfile.py", state.path());
@@ -717,7 +947,7 @@ mod tests {
             .expect("stop returns");
         let r = tokio::time::timeout(Duration::from_secs(5), joined).await;
         assert!(r.expect("join resolves").unwrap().is_ok());
-        assert!(m.tasks.set.lock().await.is_empty());
+        assert!(m.tasks.set.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -737,6 +967,99 @@ mod tests {
         );
         assert_eq!(m.view().pid, None);
         m.stop().await;
+    }
+
+    #[tokio::test]
+    async fn auto_starts_a_shard_live_when_the_expected_workers_need_it() {
+        let state = tempfile::tempdir().unwrap();
+        // A "master" that runs until stopped.
+        let fake = state.path().join("fake-locust");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = MasterConfig {
+            shards: capacity::Shards::Auto,
+            capacity: 2,
+            ..config(true, fake.to_str().unwrap())
+        };
+        let m = Master::start_shards(cfg.clone(), "locustfile.py", state.path(), 1);
+        m.set_per_node(Some(1));
+        let spec = state.path().join("spec");
+        std::fs::create_dir(&spec).unwrap();
+        assert_eq!(m.ensure(spec.clone()).await.unwrap(), [1]);
+        let test = SwarmRequest {
+            users: 6,
+            spawn_rate: 3.0,
+        };
+        m.set_swarm(Some(test));
+        assert!(m.masters(&[1]).is_empty(), "one master: `master` alone");
+        assert_eq!(m.grow(2).await, 1, "two workers fit one master of 2");
+
+        let mut epochs = m.epoch();
+        epochs.borrow_and_update();
+        assert_eq!(m.grow(3).await, 2, "three workers need two");
+        assert!(epochs.has_changed().unwrap(), "the new epoch is published");
+        let now = epochs.borrow().clone();
+        assert_eq!(now, [1, 1]);
+        let listed = m.masters(&now);
+        assert_eq!(
+            listed.iter().map(|s| s.port).collect::<Vec<_>>(),
+            [cfg.port, cfg.port + 1]
+        );
+        let view = m.view();
+        assert_eq!(view.shards.len(), 2);
+        assert!(view.shards[1].pid.is_some(), "shard 1 runs: {view:?}");
+        assert_eq!(
+            m.last_dir.lock().unwrap().as_deref(),
+            Some(spec.as_path()),
+            "on the spec shard 0 runs"
+        );
+        // The one master's test is now the test over both (the balancer splits it).
+        assert_eq!(view.swarm, Some(test));
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(EXPECTED_FILE)).unwrap(),
+            "3"
+        );
+        let mut names: Vec<&str> = m.tasks.names.lock().unwrap().values().copied().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "shard balancer",
+                "supervisor",
+                "supervisor",
+                "swarm keeper",
+                "swarm keeper"
+            ],
+            "shard 1's tasks and the balancer are owned with shard 0's"
+        );
+        // Fewer expected (scaled down): no shard is stopped while serving.
+        assert_eq!(m.grow(0).await, 2);
+        assert_eq!(m.shard_count(), 2);
+        m.stop().await;
+        assert!(
+            m.join().await.is_ok(),
+            "the grown shard's tasks ended as asked"
+        );
+        assert!(m.tasks.set.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fixed_shard_count_never_grows_and_the_epoch_waits_for_the_first_start() {
+        let state = tempfile::tempdir().unwrap();
+        let m = Master::start_shards(config(true, "locust"), "locustfile.py", state.path(), 1);
+        m.set_per_node(Some(1));
+        assert_eq!(m.grow(100_000).await, 1);
+        // A shard listed before its master started (no epoch yet) is not published.
+        let auto = MasterConfig {
+            shards: capacity::Shards::Auto,
+            capacity: 2,
+            ..config(true, "locust")
+        };
+        let m2 = Master::start_shards(auto, "locustfile.py", state.path(), 2);
+        assert_eq!(m2.masters(&[1]), vec![]);
+        assert_eq!(m2.masters(&[1, 1]).len(), 2);
+        m.stop().await;
+        m2.stop().await;
     }
 
     #[tokio::test]

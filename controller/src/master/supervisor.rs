@@ -355,9 +355,11 @@ impl Supervisor {
         self.shared.save();
         let i = self.index as usize;
         self.epoch_tx.send_modify(|v| {
-            if let Some(e) = v.get_mut(i) {
-                *e = epoch;
+            // A shard added while serving has no epoch listed until its first start.
+            if v.len() <= i {
+                v.resize(i + 1, 0);
             }
+            v[i] = epoch;
         });
         epoch
     }
