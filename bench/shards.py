@@ -12,7 +12,9 @@ managed masters, the spec tests/support/pool_locustfile.py): the baseline with
 workers, then `shards = K` with K pools, pool k holding its share of the workers and connected
 straight to shard k's ZMQ port (`port + k`), as an agent that picked shard k would be.
 K is --shards, or with 0 what `shards = "auto"` picks for --workers at --capacity workers per
-master (ceil(workers / capacity): 2 for 3000 at the default 2500). Measured in each run:
+master (ceil(workers / capacity): 2 for 3000 at the default 2500): that run then configures
+`shards = "auto"` and the controller's expected worker count (state/master-expected.json, as a
+previous `fleet serve` leaves it), and checks that the controller started K masters. Measured in each run:
 - ready: pools started -> every worker of every pool has its master's `ack`;
 - dispatch: `POST /api/swarm` of --users users (0: 10 per worker) at a spawn rate of all of
   them (the controller splits both over the shards by connected workers) -> the last worker of
@@ -39,6 +41,7 @@ is the one that says whether a shard fits one core. Give each shard its own core
 (`--master-cores 0,1 --pool-cores 2,3 --serve-core 3`).
 """
 import argparse
+import glob
 import json
 import os
 import resource
@@ -46,6 +49,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -56,6 +60,7 @@ SUPPORT = os.path.join(ROOT, "tests", "support")
 PYTHON = os.path.join(os.path.dirname(LOCUST), "python")
 TICK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
+LOGS = tempfile.mkdtemp(prefix="fleet-bench-shards-")  # the masters' and controllers' logs, kept
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--workers", type=int, default=3000)
@@ -176,7 +181,9 @@ class Pool:
 class Run:
     """One `fleet serve` with `shards` masters and one pool per master."""
 
-    def __init__(self, shards, endpoints):
+    def __init__(self, shards, endpoints, auto=False):
+        """`auto`: `shards = "auto"`, the controller told to expect --workers, and `shards` is what
+        it must pick."""
         self.shards, self.endpoints = shards, endpoints
         self.f = Fleet(managed_master=True)
         spec = os.path.join(self.f.dir, "spec")
@@ -186,16 +193,27 @@ class Run:
         self.zmq, web = zmq, zmq + shards
         cfg = os.path.join(self.f.dir, "fleet.toml")
         text = open(cfg).read()
-        text = text.replace(f"port = {self.f.master_port}\n", f"port = {zmq}\nshards = {shards}\n")
-        text = text.replace(f"http://127.0.0.1:{self.f.web_port}/locust", f"http://127.0.0.1:{web}/locust")
+        port, url = f"port = {self.f.master_port}\n", f"http://127.0.0.1:{self.f.web_port}/locust"
+        if port not in text or url not in text:
+            raise SystemExit(f"shards: {cfg} has no `{port.strip()}` or `{url}` to edit: bench/common.py and this script disagree")
+        setting = f'shards = "auto"\ncapacity = {a.capacity}' if auto else f"shards = {shards}"
+        text = text.replace(port, f"port = {zmq}\n{setting}\n").replace(url, f"http://127.0.0.1:{web}/locust")
         open(cfg, "w").write(text)
-        self.pools = []
+        if auto:  # what a previous `fleet serve` keeps for the next start's "auto"
+            os.makedirs(os.path.join(self.f.dir, "state"), exist_ok=True)
+            open(os.path.join(self.f.dir, "state", "master-expected.json"), "w").write(f"{a.workers}\n")
+        self.pools, self.pids = [], []
+
+    def start(self):
         self.f.start(preexec_fn=pinned(a.serve_core))
-        view = self.f.wait(f"{shards} masters running", self.masters_up, timeout=120, every=0.2)
+        view = self.f.wait("the masters running", self.masters_up, timeout=120, every=0.2)
+        if len(view["shards"]) != self.shards:
+            raise SystemExit(f"shards: the controller runs {len(view['shards'])} masters, not the {self.shards} expected for "
+                             f"{a.workers} workers at capacity {a.capacity}: pass --shards")
         self.pids = [s["pid"] for s in view["shards"]]
         for k, pid in enumerate(self.pids):
             pin_threads(pid, MASTER_CORES[k % len(MASTER_CORES)])
-        for k in range(shards):
+        for k in range(self.shards):
             self.f.wait(f"shard {k}'s web API", lambda: self.shard_stats(k), timeout=60, every=0.2)
 
     def masters_up(self):
@@ -204,7 +222,7 @@ class Run:
         except OSError:
             return None
         s = m.get("shards") or []
-        return m if len(s) == self.shards and all(isinstance(x.get("pid"), int) for x in s) else None
+        return m if s and all(isinstance(x.get("pid"), int) for x in s) else None
 
     def shard_stats(self, k):
         try:
@@ -295,6 +313,11 @@ class Run:
         }
 
     def close(self):
+        keep = os.path.join(LOGS, f"{self.shards}-shards-{self.endpoints}-endpoints")
+        os.makedirs(keep, exist_ok=True)
+        for log in glob.glob(os.path.join(self.f.dir, "state", "master*.log")) + [os.path.join(self.f.dir, "serve.log")]:
+            if os.path.exists(log):
+                shutil.copy(log, keep)
         self.f.close()  # stops the masters, whose `quit` ends every worker, and so the pools
         for p in self.pools:
             try:
@@ -302,7 +325,7 @@ class Run:
             except subprocess.TimeoutExpired:
                 p.proc.kill()
                 p.proc.wait()
-        for pid in getattr(self, "pids", []):
+        for pid in self.pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
@@ -320,13 +343,17 @@ if not os.path.exists(os.path.join(REL, "fleet")):
 results = []
 for e in [int(x) for x in a.endpoints.split(",")]:
     for shards in (1, SHARDS):
-        run = Run(shards, e)
+        run = Run(shards, e, auto=shards > 1 and not a.shards)
         try:
+            run.start()
             r = run.measure()
         finally:
             run.close()
         results.append(r)
         print(json.dumps(r), flush=True)
+
+
+print(f"\nmasters' and controllers' logs in {LOGS}")
 
 
 def cells(values, fmt):
