@@ -60,7 +60,6 @@ SUPPORT = os.path.join(ROOT, "tests", "support")
 PYTHON = os.path.join(os.path.dirname(LOCUST), "python")
 TICK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
-LOGS = tempfile.mkdtemp(prefix="fleet-bench-shards-")  # the masters' and controllers' logs, kept
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--workers", type=int, default=3000)
@@ -93,6 +92,9 @@ def split(total, parts):
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
+CORES = os.sched_getaffinity(0)
+if not set(MASTER_CORES + POOL_CORES + [a.serve_core]) <= CORES:
+    raise SystemExit(f"shards: this process may run on cores {sorted(CORES)} only: choose --master-cores, --pool-cores and --serve-core among them")
 NEED = 2 * a.workers + 64  # the pool of the baseline: two descriptors per worker
 if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < NEED:
     raise SystemExit(f"shards: {a.workers} workers in one pool need {NEED} open files: raise the hard limit (ulimit -Hn {NEED})")
@@ -340,6 +342,7 @@ if not a.no_build:
 if not os.path.exists(os.path.join(REL, "fleet")):
     raise SystemExit(f"shards: no {os.path.join(REL, 'fleet')}: run without --no-build to build it")
 
+LOGS = tempfile.mkdtemp(prefix="fleet-bench-shards-")  # the masters' and controllers' logs, kept
 results = []
 for e in [int(x) for x in a.endpoints.split(",")]:
     for shards in (1, SHARDS):
