@@ -668,29 +668,30 @@ impl Master {
     pub async fn swarm(&self, s: &SwarmRequest) -> Result<(), ApiError> {
         let all = self.all();
         let shares = self.shares(&all, Some(*s));
-        for (shard, share) in all.iter().zip(&shares) {
-            match share {
-                Some(share) => shard.api.swarm(share).await?,
-                None if all.len() > 1 => shard.api.stop().await?,
-                None => {}
+        let many = all.len() > 1;
+        let done = each_shard(&all, |k, api| {
+            let share = shares[k];
+            async move {
+                match share {
+                    Some(share) => api.swarm(&share).await,
+                    None if many => api.stop().await,
+                    None => Ok(()),
+                }
             }
-        }
+        })
+        .await;
+        done.into_iter().collect::<Result<Vec<()>, _>>()?;
         self.set_swarm(Some(*s));
         Ok(())
     }
 
-    /// Forgets the recorded test, then stops it on every shard.
+    /// Forgets the recorded test, then stops it on every shard (at once); the first shard's
+    /// error, once every shard was asked.
     pub async fn stop_test(&self) -> Result<(), ApiError> {
         self.set_swarm(None);
-        let mut first = Ok(());
-        for shard in self.all().iter() {
-            if let Err(e) = shard.api.stop().await {
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
+        let done = each_shard(&self.all(), |_, api| async move { api.stop().await }).await;
+        done.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
     }
 
     /// The workers per node the configured backend runs, for the capacity check.
@@ -739,12 +740,48 @@ impl Master {
     /// started just after the workers connected would be refused as having none, while the
     /// merged view `fleet run` checked first already counted them).
     pub async fn worker_count(&self) -> Result<u64, ApiError> {
-        let mut n = 0;
-        for shard in self.all().iter() {
-            n += view::worker_count(&shard.api).await?;
-        }
-        Ok(n)
+        let counts = each_shard(&self.all(), |_, api| async move {
+            view::worker_count(&api).await
+        })
+        .await;
+        counts.into_iter().sum()
     }
+}
+
+/// `call(k, shard k's web API)` for every shard at the same time, the answers in shard order:
+/// a test starts or stops on every master at once, not one master after the other (with K
+/// shards that would make the dispatch K times one master's answer).
+async fn each_shard<T, F, Fut>(shards: &[Shard], call: F) -> Vec<Result<T, ApiError>>
+where
+    T: Send + 'static,
+    F: Fn(usize, LocustApi) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let apis: Vec<LocustApi> = shards.iter().map(|s| s.api.clone()).collect();
+    each_api(&apis, call).await
+}
+
+/// [`each_shard`] over the web APIs themselves.
+async fn each_api<T, F, Fut>(apis: &[LocustApi], call: F) -> Vec<Result<T, ApiError>>
+where
+    T: Send + 'static,
+    F: Fn(usize, LocustApi) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for (k, api) in apis.iter().enumerate() {
+        let answer = call(k, api.clone());
+        set.spawn(async move { (k, answer.await) });
+    }
+    let mut answers: Vec<Option<Result<T, ApiError>>> = (0..apis.len()).map(|_| None).collect();
+    while let Some(joined) = set.join_next().await {
+        let (k, answer) = joined.expect("a call to a master's web API does not panic");
+        answers[k] = Some(answer);
+    }
+    answers
+        .into_iter()
+        .map(|a| a.expect("every shard answered"))
+        .collect()
 }
 
 impl Shard {
@@ -900,6 +937,50 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().ends_with("restart `fleet serve`"), "{e}");
+    }
+
+    /// A web API answering every request after `delay`, with `status`; returns its base URL.
+    async fn slow_api(delay: Duration, status: u16) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = vec![];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn every_shard_is_called_at_once_and_answers_in_shard_order() {
+        let delay = Duration::from_millis(400);
+        let mut apis = vec![];
+        for status in [200, 500, 200, 200] {
+            apis.push(LocustApi::new(&slow_api(delay, status).await));
+        }
+        let t0 = Instant::now();
+        let answers = each_api(&apis, |_, api| async move { api.stop().await }).await;
+        let took = t0.elapsed();
+        // One after the other would be 4 × 400 ms.
+        assert!(took < delay * 2, "{took:?}");
+        let ok: Vec<bool> = answers.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, false, true, true]);
     }
 
     #[tokio::test]
