@@ -399,18 +399,30 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
 
     // Stopped, the shards' numbers hold still: the merged view is exactly their sum, endpoint
     // by endpoint, and the run's numbers (taken before and after its stop) are within it.
-    let (own, settled) = wait_for(
+    let (own, settled) = wait_for_why(
         "the merged total equal to the shards' sum",
         Duration::from_secs(30),
         || async {
             let mut own = vec![];
             for k in 0..SHARDS as usize {
-                let s = shard_stats(&f, k).await?;
-                (s["state"] == "stopped" && total(&s)? > 0).then_some(())?;
+                let s = shard_stats(&f, k)
+                    .await
+                    .ok_or(format!("shard {k} does not answer"))?;
+                if s["state"] != "stopped" || total(&s).unwrap_or(0) == 0 {
+                    return Err(format!(
+                        "shard {k}: {} with {:?} requests",
+                        s["state"],
+                        total(&s)
+                    ));
+                }
                 own.push(s);
             }
-            let merged = f.get_json("/api/stats").await?;
-            (total(&merged)? == own.iter().filter_map(total).sum::<u64>()).then_some((own, merged))
+            let merged = f.get_json("/api/stats").await.ok_or("no /api/stats")?;
+            let sum: u64 = own.iter().filter_map(total).sum();
+            if total(&merged) != Some(sum) {
+                return Err(format!("merged {:?}, shards {sum}", total(&merged)));
+            }
+            Ok((own, merged))
         },
     )
     .await;
