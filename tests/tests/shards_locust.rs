@@ -2,7 +2,8 @@
 //! against the sample target): every agent's worker joins the shard rendezvous hashing gives
 //! its node id; a test started over both shards is split in proportion to their workers; an
 //! edit that renames a task's URL path reaches both shards' workers without restarting a
-//! master; a user-class change restarts every master and the test resumes split over both;
+//! master while the test keeps running (its merged view never stopped nor empty, every 200 ms)
+//! and back at its user count; a user-class change restarts every master and the test resumes split over both;
 //! and `fleet run` writes the merged reports (`stats.json`, `stats.csv`, `failures.csv` and
 //! fleet's own `report.html`). The same over many simulated workers is tests/tests/shards.rs.
 //!
@@ -157,6 +158,38 @@ async fn placed(f: &Fleet, zmq: u16, epochs: &[u64]) -> Result<Vec<Vec<String>>,
     Ok(on)
 }
 
+/// The merged view's (state, users), read every 200 ms until stopped.
+struct Watch {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<(String, u64)>>,
+}
+
+impl Watch {
+    fn start(f: &Fleet) -> Watch {
+        let op = f.operator();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut seen = vec![];
+            while stopped.try_recv().is_err() {
+                if let Ok(r) = op.get("/api/stats", T, 16 << 20).await {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
+                        let st = v["state"].as_str().unwrap_or("?").to_string();
+                        seen.push((st, v["user_count"].as_u64().unwrap_or(0)));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            seen
+        });
+        Watch { stop, task }
+    }
+
+    async fn stop(self) -> Vec<(String, u64)> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
 /// `got` if it is the assignment `want` (nodes never move between shards here).
 fn unmoved(got: Vec<Vec<String>>, want: &[Vec<String>]) -> Result<Vec<Vec<String>>, String> {
     if got == want {
@@ -277,6 +310,7 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
     // Rename the task's path: same user class, so no master restarts; every agent
     // hot-restarts its worker on the same shard and both shards request /renamed.
     let sha1 = f.current_sha().await.unwrap();
+    let watch = Watch::start(&f);
     f.write_spec(&spec(&target, "Web", "/renamed"));
     f.wait_new_sha(&sha1, T).await;
     wait_for_why(
@@ -306,6 +340,13 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
         },
     )
     .await;
+    let seen = watch.stop().await;
+    assert!(seen.len() >= 10, "{} views of the test seen", seen.len());
+    assert!(
+        seen.iter()
+            .all(|(st, users)| (st == "running" || st == "spawning") && *users > 0),
+        "the test kept running through the hot restart: {seen:?}"
+    );
     let same = f.get_json("/api/master").await.unwrap();
     assert_eq!(
         incarnations(&same),
