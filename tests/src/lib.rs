@@ -178,6 +178,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` consecutive ports free right now on 127.0.0.1, the first one returned (shards take
+/// `port + k`). Below the kernel's ephemeral range (32768 up), so an outgoing connection
+/// cannot take one meanwhile.
+pub fn free_block(n: u16) -> u16 {
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    for i in 0..1000u64 {
+        let first = 20_000 + ((seed + i * 131) % 12_000) as u16;
+        let all: Vec<_> = (0..n)
+            .map(|k| TcpListener::bind(("127.0.0.1", first + k)))
+            .collect();
+        if all.iter().all(|l| l.is_ok()) {
+            return first;
+        }
+    }
+    panic!("no {n} consecutive free ports between 20000 and 32000");
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, or panics naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -192,6 +213,27 @@ where
         assert!(
             t.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Like [`wait_for`], for a check that says why it is not there yet: the last reason is in the
+/// panic.
+pub async fn wait_for_why<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let t = Instant::now();
+    loop {
+        let why = match f().await {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; last seen: {why}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -325,6 +367,26 @@ impl Fleet {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Configures `master.shards = k` on a block of free ports: ZMQ `port + i` and web port
+    /// `+ i` for shard i. Returns shard 0's ZMQ port (also `master_port` now). Before
+    /// [`Fleet::start_serve`].
+    pub fn use_shards(&mut self, k: u16) -> u16 {
+        let zmq = free_block(k * 2);
+        let web = zmq + k;
+        let cfg_path = self.path().join("fleet.toml");
+        let mut t: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
+        let m = t["master"].as_table_mut().unwrap();
+        m.insert("shards".into(), i64::from(k).into());
+        m.insert("port".into(), i64::from(zmq).into());
+        m.insert(
+            "web_url".into(),
+            format!("http://127.0.0.1:{web}/locust").into(),
+        );
+        std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+        (self.master_port, self.web_port) = (zmq, web);
+        zmq
     }
 
     pub fn spec_file(&self) -> PathBuf {

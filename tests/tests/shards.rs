@@ -5,7 +5,6 @@
 //! the test returns to 12,000 users.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,26 +14,6 @@ use fleet_tests::{locust, wait_for, workspace_root, Fleet, Options};
 const SHARDS: u16 = 3;
 const WORKERS: u64 = 400;
 const USERS: u64 = 12_000;
-
-/// `n` consecutive ports free right now on 127.0.0.1, the first one returned. Below the
-/// kernel's ephemeral range (32768 up), so an outgoing connection cannot take one meanwhile.
-fn free_block(n: u16) -> u16 {
-    let seed = std::process::id() as u64 * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    for i in 0..1000u64 {
-        let first = 20_000 + ((seed + i * 131) % 12_000) as u16;
-        let all: Vec<_> = (0..n)
-            .map(|k| TcpListener::bind(("127.0.0.1", first + k)))
-            .collect();
-        if all.iter().all(|l| l.is_ok()) {
-            return first;
-        }
-    }
-    panic!("no {n} consecutive free ports between 20000 and 32000");
-}
 
 /// One simulated pool; its last status line (one a second) is kept.
 struct Pool {
@@ -110,18 +89,7 @@ async fn three_shards_share_a_test_and_one_shards_crash_moves_nobody_else() {
     let traffic = "pool_traffic.py";
     std::fs::copy(support.join(traffic), f.path().join("spec").join(traffic)).unwrap();
     f.write_spec(&std::fs::read_to_string(support.join("pool_locustfile.py")).unwrap());
-    let zmq = free_block(SHARDS * 2);
-    let web = zmq + SHARDS;
-    let cfg_path = f.path().join("fleet.toml");
-    let mut t: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
-    let m = t["master"].as_table_mut().unwrap();
-    m.insert("shards".into(), i64::from(SHARDS).into());
-    m.insert("port".into(), i64::from(zmq).into());
-    m.insert(
-        "web_url".into(),
-        format!("http://127.0.0.1:{web}/locust").into(),
-    );
-    std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+    let zmq = f.use_shards(SHARDS);
     f.start_serve();
 
     let master = wait_for("three masters running", Duration::from_secs(60), || async {
