@@ -373,12 +373,18 @@ impl Fleet {
     /// `+ i` for shard i. Returns shard 0's ZMQ port (also `master_port` now). Before
     /// [`Fleet::start_serve`].
     pub fn use_shards(&mut self, k: u16) -> u16 {
-        let zmq = free_block(k * 2);
-        let web = zmq + k;
+        self.use_shard_ports(k, i64::from(k).into())
+    }
+
+    /// [`Fleet::use_shards`] with any `master.shards` setting (`"auto"`), with ports for up to
+    /// `room` shards.
+    pub fn use_shard_ports(&mut self, room: u16, shards: toml::Value) -> u16 {
+        let zmq = free_block(room * 2);
+        let web = zmq + room;
         let cfg_path = self.path().join("fleet.toml");
         let mut t: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
         let m = t["master"].as_table_mut().unwrap();
-        m.insert("shards".into(), i64::from(k).into());
+        m.insert("shards".into(), shards);
         m.insert("port".into(), i64::from(zmq).into());
         m.insert(
             "web_url".into(),

@@ -5,7 +5,6 @@
 //! (only the node the new shard takes restarts its workers), and the test that was running on
 //! the one master is split over both.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use fleet_common::shard::pick;
@@ -13,27 +12,6 @@ use fleet_tests::{locustfile, start_target, wait_for, Fleet, Options};
 
 const USERS: u64 = 6;
 const NODES: usize = 3;
-
-/// `n` consecutive ports free right now on 127.0.0.1, the first one returned (shard k binds
-/// the configured ports + k). Below the kernel's ephemeral range, so an outgoing connection
-/// cannot take one meanwhile.
-fn free_block(n: u16) -> u16 {
-    let seed = std::process::id() as u64 * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    for i in 0..1000u64 {
-        let first = 20_000 + ((seed + i * 131) % 12_000) as u16;
-        let all: Vec<_> = (0..n)
-            .map(|k| TcpListener::bind(("127.0.0.1", first + k)))
-            .collect();
-        if all.iter().all(|l| l.is_ok()) {
-            return first;
-        }
-    }
-    panic!("no {n} consecutive free ports between 20000 and 32000");
-}
 
 /// Shard `k`'s own `/stats/requests` through the controller's proxy.
 async fn shard_stats(f: &Fleet, k: usize) -> Option<serde_json::Value> {
@@ -75,18 +53,13 @@ async fn auto_starts_a_second_master_when_scaling_past_one_masters_capacity() {
         ..Options::default()
     });
     f.write_spec(&locustfile(&target, "Web", &[("alpha", "/alpha")]));
-    let zmq = free_block(4);
-    let web = zmq + 2;
+    let zmq = f.use_shard_ports(2, "auto".into());
     let cfg_path = f.path().join("fleet.toml");
     let mut t: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
-    let m = t["master"].as_table_mut().unwrap();
-    m.insert("shards".into(), "auto".into());
-    m.insert("capacity".into(), 2.into());
-    m.insert("port".into(), i64::from(zmq).into());
-    m.insert(
-        "web_url".into(),
-        format!("http://127.0.0.1:{web}/locust").into(),
-    );
+    t["master"]
+        .as_table_mut()
+        .unwrap()
+        .insert("capacity".into(), 2.into());
     std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
     f.start_serve();
     let serve_pid = f.serve_pid().unwrap();
