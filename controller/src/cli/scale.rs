@@ -16,7 +16,7 @@ use super::render::{bar, Output};
 use crate::backend::{plan, Backend, NodeInfo, ScalePlan};
 use crate::config::Fleet;
 use crate::daemon::SILENT_AFTER_S;
-use crate::master::capacity;
+use crate::master::{capacity, max_shards};
 
 /// Converge the fleet to N nodes, up or down.
 #[derive(clap::Args)]
@@ -105,7 +105,7 @@ pub fn capacity_warning(
     let per_node = capacity::workers_per_node(&fleet.config.local, &fleet.config.ec2, backend);
     let expected = capacity::expected_workers(desired, per_node, 0);
     let shards = running.unwrap_or_else(|| capacity::shard_count(m.shards, expected, m.capacity));
-    capacity::overload(expected, shards, m.capacity, m.shards).map(|o| o.to_string())
+    capacity::overload(expected, shards, m.capacity, m.shards, max_shards(m)).map(|o| o.to_string())
 }
 
 /// Stopped nodes are left alone; say so, so that they are not forgotten.

@@ -156,6 +156,8 @@ pub struct Overload {
     /// Masters that would carry `expected`.
     pub needed: u32,
     pub auto: bool,
+    /// The most masters these settings can run (ports below 65536, [`MAX_SHARDS`]).
+    pub max: u32,
 }
 
 impl fmt::Display for Overload {
@@ -166,6 +168,7 @@ impl fmt::Display for Overload {
             capacity,
             needed,
             auto,
+            max,
         } = self;
         if *shards == 1 {
             write!(
@@ -180,7 +183,14 @@ impl fmt::Display for Overload {
                  {shards} × {capacity} (master.capacity): "
             )?;
         }
-        if *auto {
+        if expected.div_ceil((*capacity).max(1)) > u64::from(*max) {
+            write!(
+                f,
+                "that needs more than the {max} Locust masters fleet can run with these \
+                 settings (at most {MAX_SHARDS}, each shard's ports below 65536): raise \
+                 master.capacity or lower master.port and the web_url's port in fleet.toml"
+            )
+        } else if *auto {
             write!(
                 f,
                 "master.shards = \"auto\" starts {needed} as the workers are expected"
@@ -194,15 +204,23 @@ impl fmt::Display for Overload {
     }
 }
 
-/// The warning for `expected` workers on `shards` masters of `capacity` each, if over.
-pub fn overload(expected: u64, shards: u32, capacity: u64, setting: Shards) -> Option<Overload> {
+/// The warning for `expected` workers on `shards` masters of `capacity` each, if over; `max`
+/// is the most masters the settings can run.
+pub fn overload(
+    expected: u64,
+    shards: u32,
+    capacity: u64,
+    setting: Shards,
+    max: u32,
+) -> Option<Overload> {
     let shards = shards.max(1);
     (expected > u64::from(shards) * capacity).then(|| Overload {
         expected,
         shards,
         capacity,
-        needed: needed(expected, capacity).max(shards + 1),
+        needed: needed(expected, capacity).max(shards + 1).min(max.max(1)),
         auto: setting == Shards::Auto,
+        max,
     })
 }
 
@@ -303,8 +321,8 @@ mod tests {
 
     #[test]
     fn one_master_over_its_capacity_is_warned_with_the_setting_to_change() {
-        assert_eq!(overload(2500, 1, 2500, Shards::Fixed(1)), None);
-        let w = overload(4000, 1, 2500, Shards::Fixed(1)).unwrap();
+        assert_eq!(overload(2500, 1, 2500, Shards::Fixed(1), MAX_SHARDS), None);
+        let w = overload(4000, 1, 2500, Shards::Fixed(1), MAX_SHARDS).unwrap();
         assert_eq!(w.needed, 2);
         let line = w.to_string();
         assert!(
@@ -317,16 +335,40 @@ mod tests {
 
     #[test]
     fn shards_carry_their_number_times_the_capacity() {
-        assert_eq!(overload(7500, 3, 2500, Shards::Fixed(3)), None);
-        let w = overload(8000, 3, 2500, Shards::Fixed(3)).unwrap();
+        assert_eq!(overload(7500, 3, 2500, Shards::Fixed(3), MAX_SHARDS), None);
+        let w = overload(8000, 3, 2500, Shards::Fixed(3), MAX_SHARDS).unwrap();
         assert_eq!(w.needed, 4);
         assert!(w.to_string().contains("on 3 Locust masters"), "{w}");
         // "auto" grows while `fleet serve` runs: the warning says what it is about to do.
-        let w = overload(8000, 2, 2500, Shards::Auto).unwrap();
+        let w = overload(8000, 2, 2500, Shards::Auto, MAX_SHARDS).unwrap();
         assert!(
             w.to_string()
                 .contains("\"auto\" starts 4 as the workers are expected"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn past_the_masters_the_settings_can_run_the_warning_says_to_raise_the_capacity() {
+        // 64 masters of 2500 are full: neither "auto" nor a number can add one.
+        for setting in [Shards::Auto, Shards::Fixed(64)] {
+            let w = overload(200_000, 64, 2500, setting, MAX_SHARDS).unwrap();
+            let line = w.to_string();
+            assert!(
+                line.contains("more than the 64 Locust masters fleet can run")
+                    && line.contains("raise master.capacity")
+                    && !line.contains("starts")
+                    && !line.contains("set master.shards"),
+                "{line}"
+            );
+        }
+        // Ports near 65535 leave room for 3: 4 needed is past them, 3 is not.
+        let w = overload(10_000, 1, 2500, Shards::Auto, 3).unwrap();
+        assert!(
+            w.to_string().contains("more than the 3 Locust masters"),
+            "{w}"
+        );
+        let w = overload(7_500, 1, 2500, Shards::Auto, 3).unwrap();
+        assert!(w.to_string().contains("\"auto\" starts 3"), "{w}");
     }
 }

@@ -254,14 +254,7 @@ impl Master {
         state_dir: &Path,
         count: u32,
     ) -> Master {
-        let max_shards = if cfg.managed {
-            (1..capacity::MAX_SHARDS)
-                .take_while(|k| shard_config(&cfg, *k).is_ok())
-                .count() as u32
-                + 1
-        } else {
-            1
-        };
+        let max_shards = if cfg.managed { max_shards(&cfg) } else { 1 };
         if count > max_shards {
             // Ports past 65535: run the shards that fit, and say so.
             if let Err(e) = shard_config(&cfg, max_shards) {
@@ -710,6 +703,7 @@ impl Master {
             self.shard_count() as u32,
             self.cfg.capacity,
             self.cfg.shards,
+            max_shards(&self.cfg),
         )
         .map(|o| o.to_string())
     }
@@ -846,6 +840,15 @@ impl Shard {
             users: stats.as_ref().map(|s| s.user_count),
         }
     }
+}
+
+/// The most masters `cfg` can run: [`capacity::MAX_SHARDS`], fewer when shard k's ports would
+/// pass 65535 ([`shard_config`]).
+pub fn max_shards(cfg: &MasterConfig) -> u32 {
+    (1..capacity::MAX_SHARDS)
+        .take_while(|k| shard_config(cfg, *k).is_ok())
+        .count() as u32
+        + 1
 }
 
 /// Shard `k`'s master settings: shard 0 is `cfg` itself; shard k > 0 has its ZMQ port at
