@@ -33,6 +33,23 @@ use crate::procfs;
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// How long a worker that exited cleanly (exit 0) waits before its restart, unless it is
+/// quick-exiting again (then the backoff applies, so a crash loop is still seen as one). Locust
+/// workers exit 0 when their master quits them, which a master restart does; the manifest with
+/// the new master's epoch follows within about a second and replaces them. Restarted at once,
+/// they would join the new master on the old bundle and be stopped mid-start there.
+pub const QUIT_HOLD: Duration = Duration::from_secs(3);
+
+/// How long a worker waits before its restart: [`QUIT_HOLD`] after a clean exit that is not a
+/// quick repeat (`backoff` still at its start), else `backoff`.
+pub fn restart_delay(clean: bool, backoff: Duration) -> Duration {
+    if clean && backoff == BACKOFF_INITIAL {
+        QUIT_HOLD
+    } else {
+        backoff
+    }
+}
+
 /// How often a starting worker's connections are looked at.
 const JOIN_POLL: Duration = Duration::from_millis(100);
 
@@ -145,6 +162,7 @@ async fn run_slot(
     let mut backoff = BACKOFF_INITIAL;
     loop {
         let started = Instant::now();
+        let mut clean = false;
         let exit_line = match spawn(&cmd) {
             Err(e) => format!("spawn of {} failed: {e}", cmd.argv[0]),
             Ok(mut child) => {
@@ -175,7 +193,10 @@ async fn run_slot(
                         r = child.wait() => {
                             signal_group(pid, Signal::SIGKILL);
                             break match r {
-                                Ok(st) => describe(st),
+                                Ok(st) => {
+                                    clean = st.success();
+                                    describe(st)
+                                }
                                 Err(e) => format!("wait failed: {e}"),
                             };
                         }
@@ -206,7 +227,7 @@ async fn run_slot(
             backoff = BACKOFF_INITIAL;
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(restart_delay(clean, backoff)) => {}
             _ = &mut stop => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -334,6 +355,72 @@ mod tests {
         assert!(seen.contains(&(1, "exit 3".to_string())));
         assert!(set.reports().iter().any(|r| r.restarts >= 1));
         set.stop().await;
+    }
+
+    #[test]
+    fn a_clean_exit_waits_for_the_manifest_a_quick_repeat_or_a_crash_does_not() {
+        assert_eq!(restart_delay(true, BACKOFF_INITIAL), QUIT_HOLD);
+        assert_eq!(restart_delay(false, BACKOFF_INITIAL), BACKOFF_INITIAL);
+        let repeat = BACKOFF_INITIAL * 2;
+        assert_eq!(restart_delay(true, repeat), repeat);
+        assert_eq!(restart_delay(false, BACKOFF_MAX), BACKOFF_MAX);
+    }
+
+    /// The times of `index`'s spawns.
+    async fn spawns(
+        rx: &mut mpsc::UnboundedReceiver<WorkerEvent>,
+        index: u32,
+        n: usize,
+    ) -> Vec<Instant> {
+        let mut at = vec![];
+        while at.len() < n {
+            let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if let WorkerEvent::Spawned { index: i, .. } = e {
+                if i == index {
+                    at.push(Instant::now());
+                }
+            }
+        }
+        at
+    }
+
+    #[tokio::test]
+    async fn a_worker_quit_by_its_master_is_restarted_after_the_hold_and_a_crash_at_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let set = WorkerSet::start(1, vec![sh("sleep 0.2; exit 0")], timing(), tx);
+        let at = spawns(&mut rx, 0, 3).await;
+        let (first, second) = (at[1] - at[0], at[2] - at[1]);
+        assert!(first >= QUIT_HOLD, "{first:?}");
+        // A second quick clean exit is a repeat: the backoff, not the hold.
+        assert!(second < QUIT_HOLD, "{second:?}");
+        set.stop().await;
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let set = WorkerSet::start(2, vec![sh("sleep 0.2; exit 1")], timing(), tx);
+        let at = spawns(&mut rx, 0, 2).await;
+        assert!(at[1] - at[0] < QUIT_HOLD, "{:?}", at[1] - at[0]);
+        set.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_the_hold_ends_the_worker_without_a_restart() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let set = WorkerSet::start(3, vec![sh("exit 0")], timing(), tx);
+        spawns(&mut rx, 0, 1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        set.stop().await;
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        tokio::time::sleep(QUIT_HOLD).await;
+        while let Ok(e) = rx.try_recv() {
+            assert!(
+                !matches!(e, WorkerEvent::Spawned { .. }),
+                "restarted: {e:?}"
+            );
+        }
     }
 
     #[tokio::test]
