@@ -566,6 +566,24 @@ impl Fleet {
         self.get_json("/locust/stats/requests").await
     }
 
+    /// Shard `k`'s own `/stats/requests` (`/locust/<k>/`; shard 0 is `/locust/`).
+    pub async fn shard_stats(&self, k: usize) -> Option<serde_json::Value> {
+        match k {
+            0 => self.locust_stats().await,
+            k => self.get_json(&format!("/locust/{k}/stats/requests")).await,
+        }
+    }
+
+    /// The signed manifest as an agent gets it now (`GET /v1/manifest`, without waiting).
+    pub async fn manifest(&self) -> Option<serde_json::Value> {
+        let r = self
+            .agent()
+            .get("/v1/manifest", Duration::from_secs(10), 1 << 20)
+            .await
+            .ok()?;
+        serde_json::from_slice(&r.body).ok()
+    }
+
     /// Waits until `n` nodes run `sha` with every worker running; returns them.
     pub async fn wait_all_running(&self, n: usize, sha: &str, timeout: Duration) -> Vec<NodeView> {
         wait_for(&format!("{n} nodes running {sha}"), timeout, || async {

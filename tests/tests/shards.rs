@@ -59,19 +59,11 @@ impl Drop for Pool {
     }
 }
 
-async fn shard_stats(f: &Fleet, k: u16) -> Option<serde_json::Value> {
-    let path = match k {
-        0 => "/locust/stats/requests".to_string(),
-        k => format!("/locust/{k}/stats/requests"),
-    };
-    f.get_json(&path).await
-}
-
 /// Every shard's (state, users, workers) as its own web API answers.
 async fn all_shards(f: &Fleet) -> Option<Vec<(String, u64, u64)>> {
     let mut out = vec![];
     for k in 0..SHARDS {
-        let s = shard_stats(f, k).await?;
+        let s = f.shard_stats(k.into()).await?;
         out.push((
             s["state"].as_str()?.to_string(),
             s["user_count"].as_u64()?,
@@ -180,12 +172,7 @@ async fn three_shards_share_a_test_and_one_shards_crash_moves_nobody_else() {
         "a manifest for shard 1's new epoch",
         Duration::from_secs(30),
         || async {
-            let r = f
-                .agent()
-                .get("/v1/manifest", Duration::from_secs(10), 1 << 20)
-                .await
-                .ok()?;
-            let m: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let m = f.manifest().await?;
             (m["masters"][1]["epoch"].as_u64()? == epoch + 1).then_some(m)
         },
     )
@@ -285,7 +272,7 @@ async fn three_shards_share_a_test_and_one_shards_crash_moves_nobody_else() {
         || async {
             let mut sum = 0;
             for k in 0..SHARDS {
-                let s = shard_stats(&f, k).await?;
+                let s = f.shard_stats(k.into()).await?;
                 (s["state"] == "stopped").then_some(())?;
                 sum += total(&s)?;
             }
@@ -302,7 +289,7 @@ async fn three_shards_share_a_test_and_one_shards_crash_moves_nobody_else() {
 async fn all_shards_lenient(f: &Fleet) -> Vec<Option<(String, u64, u64)>> {
     let mut out = vec![];
     for k in 0..SHARDS {
-        out.push(shard_stats(f, k).await.and_then(|s| {
+        out.push(f.shard_stats(k.into()).await.and_then(|s| {
             Some((
                 s["state"].as_str()?.to_string(),
                 s["user_count"].as_u64()?,

@@ -13,15 +13,6 @@ use fleet_tests::{locustfile, start_target, wait_for, Fleet, Options};
 const USERS: u64 = 6;
 const NODES: usize = 3;
 
-/// Shard `k`'s own `/stats/requests` through the controller's proxy.
-async fn shard_stats(f: &Fleet, k: usize) -> Option<serde_json::Value> {
-    let path = match k {
-        0 => "/locust/stats/requests".to_string(),
-        k => format!("/locust/{k}/stats/requests"),
-    };
-    f.get_json(&path).await
-}
-
 fn scale(f: &Fleet, nodes: usize) -> serde_json::Value {
     let out = f.cli(&["--output", "json", "scale", "--nodes", &nodes.to_string()]);
     assert!(
@@ -131,12 +122,7 @@ async fn auto_starts_a_second_master_when_scaling_past_one_masters_capacity() {
         "a manifest listing 2 masters",
         Duration::from_secs(20),
         || async {
-            let r = f
-                .agent()
-                .get("/v1/manifest", Duration::from_secs(10), 1 << 20)
-                .await
-                .ok()?;
-            let m: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let m = f.manifest().await?;
             (m["masters"].as_array()?.len() == 2).then_some(m)
         },
     )
@@ -160,8 +146,8 @@ async fn auto_starts_a_second_master_when_scaling_past_one_masters_capacity() {
         "each master holding the workers that hash to it",
         Duration::from_secs(60),
         || async {
-            let a = shard_stats(&f, 0).await?["worker_count"].as_u64()?;
-            let b = shard_stats(&f, 1).await?["worker_count"].as_u64()?;
+            let a = f.shard_stats(0).await?["worker_count"].as_u64()?;
+            let b = f.shard_stats(1).await?["worker_count"].as_u64()?;
             ([a, b] == want).then_some([a, b])
         },
     )
@@ -188,7 +174,7 @@ async fn auto_starts_a_second_master_when_scaling_past_one_masters_capacity() {
         || async {
             let mut got = vec![];
             for k in 0..2 {
-                let s = shard_stats(&f, k).await?;
+                let s = f.shard_stats(k).await?;
                 if s["state"] != "running" {
                     return None;
                 }

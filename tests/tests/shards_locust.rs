@@ -51,15 +51,6 @@ class {class}(FastHttpUser):
     )
 }
 
-/// Shard `k`'s own `/stats/requests`, through the controller's proxy.
-async fn shard_stats(f: &Fleet, k: usize) -> Option<serde_json::Value> {
-    let path = match k {
-        0 => "/locust/stats/requests".to_string(),
-        k => format!("/locust/{k}/stats/requests"),
-    };
-    f.get_json(&path).await
-}
-
 fn requests_to(stats: &serde_json::Value, name: &str) -> u64 {
     stats["stats"]
         .as_array()
@@ -96,7 +87,8 @@ async fn shards_running(
 ) -> Result<Vec<serde_json::Value>, String> {
     let mut out = vec![];
     for k in 0..SHARDS as usize {
-        let s = shard_stats(f, k)
+        let s = f
+            .shard_stats(k)
             .await
             .ok_or(format!("shard {k} does not answer"))?;
         let seen = (
@@ -239,8 +231,7 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
     .await;
     let epochs: Vec<u64> = incarnations(&master).iter().map(|i| i.1).collect();
     let m = wait_for("a manifest listing both masters", T, || async {
-        let r = f.agent().get("/v1/manifest", T, 1 << 20).await.ok()?;
-        let m: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let m = f.manifest().await?;
         (m["masters"].as_array()?.len() == SHARDS as usize).then_some(m)
     })
     .await;
@@ -271,7 +262,7 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
         Duration::from_secs(30),
         || async {
             for (k, nodes) in on.iter().enumerate() {
-                (shard_stats(&f, k).await?["worker_count"] == nodes.len()).then_some(())?;
+                (f.shard_stats(k).await?["worker_count"] == nodes.len()).then_some(())?;
             }
             Some(())
         },
@@ -446,7 +437,8 @@ async fn two_shards_of_real_locust_workers_run_one_test_through_edits_and_fleet_
         || async {
             let mut own = vec![];
             for k in 0..SHARDS as usize {
-                let s = shard_stats(&f, k)
+                let s = f
+                    .shard_stats(k)
                     .await
                     .ok_or(format!("shard {k} does not answer"))?;
                 if s["state"] != "stopped" || total(&s).unwrap_or(0) == 0 {
