@@ -5,6 +5,7 @@ FLEET_BENCH_PROFILE=debug selects target/debug (and a dev build) to try a script
 """
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -32,6 +33,32 @@ def free_port():
     p = s.getsockname()[1]
     s.close()
     return p
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def pinned(core):
+    """A preexec_fn: the child gets the hard open-files limit and runs on `core` only."""
+    def before_exec():
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        os.sched_setaffinity(0, {core})
+    return before_exec
+
+
+def cpu_s(pid):
+    """The CPU seconds (user + system) process `pid` has used."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def rss(pid):
+    """Process `pid`'s resident memory in bytes (0 when /proc does not say)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def machine():

@@ -23,7 +23,6 @@ The table gives CPU and heartbeat ratios against the smallest N of the same endp
 import argparse
 import json
 import os
-import resource
 import signal
 import subprocess
 import tempfile
@@ -32,11 +31,10 @@ import time
 import urllib.parse
 import urllib.request
 
-from common import LOCUST, ROOT, free_port, machine
+from common import LOCUST, ROOT, cpu_s, free_port, machine, pinned, rss
 
 SUPPORT = os.path.join(ROOT, "tests", "support")
 PYTHON = os.path.join(os.path.dirname(LOCUST), "python")
-TICK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 LOGS = tempfile.mkdtemp(prefix="fleet-bench-master-")  # the masters' logs, kept
 
@@ -50,26 +48,6 @@ ap.add_argument("--seconds", type=float, default=30, help="measurement window wi
 ap.add_argument("--master-core", type=int, default=0)
 ap.add_argument("--pool-core", type=int, default=1)
 a = ap.parse_args()
-
-
-def pinned(core):
-    def before_exec():
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        os.sched_setaffinity(0, {core})
-    return before_exec
-
-
-def cpu_s(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def rss(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class Run:

@@ -54,11 +54,10 @@ import threading
 import time
 import urllib.request
 
-from common import LOCUST, PROFILE, REL, ROOT, Fleet, machine
+from common import LOCUST, PROFILE, REL, ROOT, Fleet, cpu_s, machine, pinned, rss
 
 SUPPORT = os.path.join(ROOT, "tests", "support")
 PYTHON = os.path.join(os.path.dirname(LOCUST), "python")
-TICK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 
 ap = argparse.ArgumentParser()
@@ -121,29 +120,9 @@ def free_block(n):
     raise SystemExit(f"shards: no {n} consecutive free ports between 20000 and 32000: free some and run again")
 
 
-def pinned(core):
-    def before_exec():
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        os.sched_setaffinity(0, {core})
-    return before_exec
-
-
 def pin_threads(pid, core):
     for tid in os.listdir(f"/proc/{pid}/task"):
         os.sched_setaffinity(int(tid), {core})
-
-
-def cpu_s(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def rss(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def alive(pid):
