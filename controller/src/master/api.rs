@@ -141,25 +141,25 @@ impl LocustApi {
         Ok((status, body))
     }
 
-    pub async fn stats(&self) -> Result<Stats, ApiError> {
-        let call = "GET /stats/requests";
-        let (status, body) = self
-            .call(call, hyper::Method::GET, "/stats/requests", None)
-            .await?;
+    /// `GET path`, whose answer must be 200; its body.
+    async fn get_ok(&self, call: &'static str, path: &str) -> Result<Bytes, ApiError> {
+        let (status, body) = self.call(call, hyper::Method::GET, path, None).await?;
         if status != 200 {
             return Err(ApiError::Status { call, status });
         }
+        Ok(body)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, ApiError> {
+        let call = "GET /stats/requests";
+        let body = self.get_ok(call, "/stats/requests").await?;
         serde_json::from_slice(&body).map_err(|source| ApiError::Body { call, source })
     }
 
     /// `GET /fleet/stats`: the raw numbers of fleet's stats plugin, for merging with other
     /// masters' ([`super::merge`]). A master without the plugin (an external one) answers 404.
     pub async fn snapshot(&self) -> Result<Snapshot, ApiError> {
-        let call = "GET /fleet/stats";
-        let (status, body) = self.call(call, hyper::Method::GET, PATH, None).await?;
-        if status != 200 {
-            return Err(ApiError::Status { call, status });
-        }
+        let body = self.get_ok("GET /fleet/stats", PATH).await?;
         Ok(Snapshot::from_json(&body)?)
     }
 
@@ -167,24 +167,15 @@ impl LocustApi {
     /// plugin ([`super::view`]).
     pub async fn report(&self) -> Result<super::merge::Report, ApiError> {
         let call = "GET /stats/requests";
-        let (status, body) = self
-            .call(call, hyper::Method::GET, "/stats/requests", None)
-            .await?;
-        if status != 200 {
-            return Err(ApiError::Status { call, status });
-        }
+        let body = self.get_ok(call, "/stats/requests").await?;
         super::view::report_from_requests(&body).map_err(|source| ApiError::Body { call, source })
     }
 
     /// `GET /stats/requests/csv`: Locust's own `stats.csv`.
     pub async fn requests_csv(&self) -> Result<String, ApiError> {
-        let call = "GET /stats/requests/csv";
-        let (status, body) = self
-            .call(call, hyper::Method::GET, "/stats/requests/csv", None)
+        let body = self
+            .get_ok("GET /stats/requests/csv", "/stats/requests/csv")
             .await?;
-        if status != 200 {
-            return Err(ApiError::Status { call, status });
-        }
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
