@@ -168,11 +168,10 @@ async fn answer(api: &LocustApi) -> Result<Answer, ApiError> {
 /// The workers connected to one master now: its plugin's count, fresh; without the plugin
 /// (an external master) its `/stats/requests`' (cached by Locust ~2 s).
 pub async fn worker_count(api: &LocustApi) -> Result<u64, ApiError> {
-    match api.snapshot().await {
-        Ok(s) => Ok(s.worker_count),
-        Err(ApiError::Status { status: 404, .. }) => Ok(api.stats().await?.worker_count),
-        Err(e) => Err(e),
-    }
+    Ok(match answer(api).await? {
+        Answer::Snapshot(s) => s.worker_count,
+        Answer::Requests(r) => r.worker_count,
+    })
 }
 
 /// Reads every master (at the same time) and combines their answers.
